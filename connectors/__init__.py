@@ -1,0 +1,1 @@
+"""The edges of the pipeline: the only code that opens sockets."""

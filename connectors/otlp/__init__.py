@@ -1,0 +1,1 @@
+"""OTLP encoding (pure) and export over OTLP/HTTP."""

@@ -1,0 +1,1 @@
+"""The domain: records that travel on topics and pure pipeline logic, no I/O."""

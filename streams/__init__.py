@@ -1,0 +1,1 @@
+"""The Faust application, settings and process entry points."""

@@ -1,0 +1,120 @@
+"""The ``edge-otlp`` console script: every process entry point of the project.
+
+Precedence of settings is flag, then ``EDGE_*`` environment variable, then default;
+each flag's help names its variable. Logging is configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from streams.config import ConfigError, PipelineError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings(ctx: click.Context, **flags: Any) -> Settings:
+    try:
+        return load_settings(**ctx.obj.get("flags", {}), **flags)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+@click.option(
+    "--kafka-bootstrap", help="Kafka bootstrap servers [env EDGE_KAFKA_BOOTSTRAP]"
+)
+@click.option("--mqtt-url", help="MQTT broker URL [env EDGE_MQTT_URL]")
+@click.option("--topic-prefix", help="prefix of Kafka topics [env EDGE_TOPIC_PREFIX]")
+@click.option(
+    "--log-level", default="INFO", show_default=True, envvar="EDGE_LOG_LEVEL",
+    help="log level [env EDGE_LOG_LEVEL]",
+)  # fmt: skip
+@click.pass_context
+def main(
+    ctx: click.Context,
+    kafka_bootstrap: str | None,
+    mqtt_url: str | None,
+    topic_prefix: str | None,
+    log_level: str,
+) -> None:
+    """edge-otlp: MQTT -> Kafka -> Faust -> OTLP telemetry pipeline for the edge."""
+    _configure_logging(log_level)
+    ctx.ensure_object(dict)
+    ctx.obj["flags"] = {
+        "kafka_bootstrap": kafka_bootstrap,
+        "mqtt_url": mqtt_url,
+        "topic_prefix": topic_prefix,
+    }
+
+
+# -- stack ------------------------------------------------------------------------
+
+
+@main.group()
+def stack() -> None:
+    """Local Kafka, Mosquitto and OpenTelemetry Collector on 127.0.0.1."""
+
+
+def _stack_options(func: Any) -> Any:
+    options = [
+        click.option("--stack-dir", type=click.Path(path_type=Path),
+                     help="cache, data and logs [env EDGE_STACK_DIR]"),
+        click.option("--kafka-port", type=int, help="[env EDGE_KAFKA_PORT]"),
+        click.option("--kafka-controller-port", type=int,
+                     help="[env EDGE_KAFKA_CONTROLLER_PORT]"),
+        click.option("--mqtt-port", type=int, help="[env EDGE_MQTT_PORT]"),
+        click.option("--collector-port", type=int, help="[env EDGE_COLLECTOR_PORT]"),
+        click.option("--collector/--no-collector", default=None,
+                     help="also the OpenTelemetry Collector [env EDGE_COLLECTOR]"),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@stack.command("up")
+@_stack_options
+@click.pass_context
+def stack_up(ctx: click.Context, **flags: Any) -> None:
+    """Install what is missing, start the servers, wait until each answers."""
+    from streams.stack import LocalStack
+
+    settings = _settings(ctx, **flags)
+    try:
+        LocalStack(settings, say=click.echo).up()
+    except PipelineError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@stack.command("down")
+@_stack_options
+@click.pass_context
+def stack_down(ctx: click.Context, **flags: Any) -> None:
+    """Stop the servers this stack started, by pid."""
+    from streams.stack import LocalStack
+
+    LocalStack(_settings(ctx, **flags), say=click.echo).down()
+
+
+@stack.command("status")
+@_stack_options
+@click.pass_context
+def stack_status(ctx: click.Context, **flags: Any) -> None:
+    """Say which server runs where; exit 1 when one is stopped."""
+    from streams.stack import main_status
+
+    sys.exit(main_status(_settings(ctx, **flags)))
