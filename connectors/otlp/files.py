@@ -36,7 +36,7 @@ def otlp_json_line(request: Request) -> bytes:
         request: a metrics or logs export request.
 
     Returns:
-        UTF-8 JSON text of the request followed by ``\\n``.
+        UTF-8 JSON text of the request followed by a newline.
     """
     data = json_format.MessageToDict(
         request,
