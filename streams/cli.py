@@ -118,3 +118,25 @@ def stack_status(ctx: click.Context, **flags: Any) -> None:
     from streams.stack import main_status
 
     sys.exit(main_status(_settings(ctx, **flags)))
+
+
+# -- rules ------------------------------------------------------------------------
+
+
+@main.group()
+def rules() -> None:
+    """Rule files: the conditions that turn readings into decisions."""
+
+
+@rules.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+def rules_check(file: Path) -> None:
+    """Validate a rule file; print each problem with its line and field."""
+    from models.rules import check_rules, load_rules
+
+    problems = check_rules(file)
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{len(load_rules(file))} rules OK")
