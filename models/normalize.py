@@ -534,6 +534,11 @@ class _Context:
 
     def message_time(self, document: dict[str, Any]) -> int | None:
         """Return the time of an object payload, or None when it has none."""
+        if "time" in document and "ts" not in document and "timestamp" not in document:
+            if "time" in self.duplicates:
+                raise _Invalid(_duplicate("time"))
+            value = document["time"]
+            return _parse_time("time", value, self.now_ms, self.max_clock_skew_ms)
         present = [key for key in _TIME_KEYS if key in document]
         if not present:
             return None
@@ -548,9 +553,10 @@ class _Context:
     def add_object(self, document: dict[str, Any]) -> None:
         """Add the readings of a JSON object payload (flat or under metrics)."""
         duplicates = self.duplicates
-        for key in ("metrics", "attributes", "units", "unit"):
-            if key in duplicates:
-                raise _Invalid(_duplicate(key))
+        if duplicates:
+            for key in ("metrics", "attributes", "units", "unit"):
+                if key in duplicates:
+                    raise _Invalid(_duplicate(key))
         time_ms = self.message_time(document)
 
         units = document.get("units")
@@ -564,10 +570,16 @@ class _Context:
             document.get("attributes"), duplicates, self.result.rejections
         )
 
+        plain = not duplicates and units is None
         for key, value in document.items():
             if key in _RESERVED_KEYS:
                 continue
-            self._add_keyed(key, key, value, time_ms, units, default_unit, attributes)
+            if plain:
+                self.add_metric(key, key, value, time_ms, default_unit, attributes)
+            else:
+                self._add_keyed(
+                    key, key, value, time_ms, units, default_unit, attributes
+                )
 
         metrics = document.get("metrics")
         if type(metrics) is dict:
