@@ -874,7 +874,10 @@ class _Parser:
 
     # -- file ----------------------------------------------------------------------
 
-    def top(self, node: _Node) -> tuple[CooldownClock, list[_Node], list[RuleConfig]]:
+    def top(
+        self, node: _Node
+    ) -> tuple[CooldownClock, list[_Node], list[tuple[RuleConfig, _Node]]]:
+        """Return the cooldown clock, include nodes, and each rule with its node."""
         keys = self.mapping(node, "", _TOP_KEYS)
         if keys is None:
             return "event", [], []
@@ -891,7 +894,7 @@ class _Parser:
                 message = f'must be "event" or "wall", {_got(value)}'
                 self.problem(keys["cooldown_clock"], "cooldown_clock", message)
         includes = self.include_list(keys.get("include"))
-        rules: list[RuleConfig] = []
+        rules: list[tuple[RuleConfig, _Node]] = []
         rules_node = keys.get("rules")
         if rules_node is None:
             if not includes:
@@ -903,7 +906,8 @@ class _Parser:
             for index, item in enumerate(rules_node.value):
                 rule = self.rule(item, f"rules[{index}]")
                 if rule is not None:
-                    rules.append(rule)
+                    id_node = next(v for k, v in item.value if k.value == "id")
+                    rules.append((rule, id_node))
         return clock, includes, rules
 
     def include_list(self, node: _Node | None) -> list[_Node]:
@@ -1144,9 +1148,7 @@ def _parse(
         return [RuleProblem(name, 1, 1, "", "file is empty")], "event", []
 
     clock, includes, configs = parser.top(root)
-    rule_nodes = root.value if isinstance(root, yaml.MappingNode) else []
-    located = _locate_rules(rule_nodes, configs)
-    found = [(name, config, node) for config, node in located]
+    found = [(name, config, node) for config, node in configs]
     problems = parser.problems
     for include in includes:
         target = str(parser.value(include))
@@ -1162,23 +1164,6 @@ def _parse(
         problems.extend(more)
         found.extend(more_rules)
     return problems, clock, found
-
-
-def _locate_rules(
-    top_items: list[tuple[_Node, _Node]], configs: list[RuleConfig]
-) -> list[tuple[RuleConfig, _Node]]:
-    """Pair each parsed rule with the node of its ``id`` (for duplicate reports)."""
-    id_nodes: dict[str, _Node] = {}
-    for key_node, value_node in top_items:
-        if key_node.value != "rules" or not isinstance(value_node, yaml.SequenceNode):
-            continue
-        for item in value_node.value:
-            if not isinstance(item, yaml.MappingNode):
-                continue
-            for rule_key, rule_value in item.value:
-                if rule_key.value == "id" and isinstance(rule_value.value, str):
-                    id_nodes.setdefault(rule_value.value, rule_value)
-    return [(config, id_nodes[config.id]) for config in configs]
 
 
 def _check(
