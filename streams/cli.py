@@ -140,3 +140,46 @@ def rules_check(file: Path) -> None:
     if problems:
         sys.exit(1)
     click.echo(f"{len(load_rules(file))} rules OK")
+
+
+# -- export -----------------------------------------------------------------------
+
+
+@main.command("export")
+@click.option("--otlp-endpoint", help="OTLP/HTTP base URL [env EDGE_OTLP_ENDPOINT]")
+@click.option(
+    "--otlp-compression",
+    type=click.Choice(["gzip", "zstd", "lz4", "none"]),
+    help="request compression [env EDGE_OTLP_COMPRESSION]",
+)
+@click.option(
+    "--otlp-output-dir",
+    type=click.Path(path_type=Path),
+    help="OTLP/JSON folder without an endpoint [env EDGE_OTLP_OUTPUT_DIR]",
+)
+@click.option(
+    "--unreachable-max-backoff-s",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="retry delay cap while the endpoint is unreachable",
+)
+@click.pass_context
+def export(ctx: click.Context, unreachable_max_backoff_s: float, **flags: Any) -> None:
+    """Export window summaries, anomalies and decisions as OTLP, then commit."""
+    import asyncio
+
+    from streams.export import run_export_service
+
+    settings = _settings(ctx, **flags)
+    logger.info("effective config %s", settings.redacted())
+    try:
+        asyncio.run(
+            run_export_service(
+                settings, unreachable_max_backoff_s=unreachable_max_backoff_s
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    except PipelineError as exc:
+        raise click.ClickException(str(exc)) from exc
