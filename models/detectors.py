@@ -116,7 +116,7 @@ class SurpriseDetector:
         suppress_readings: How many readings stay silent after such a detection.
     """
 
-    # A version byte, two counters, eight floats; little-endian so checkpoints move across hosts.
+    # Version byte, two counters, eight floats; little-endian to move across hosts.
     _STATE = struct.Struct("<BII8d")
     _VERSION = 1
 
@@ -350,7 +350,9 @@ class GaussianDetector:
             raise ValueError(message)
         _, count, mean, variance = cls._STATE.unpack(data)
         detector = cls(**params)  # type: ignore[arg-type]
-        detector._gaussian = proba.Gaussian._from_state(count, mean, variance, ddof=1)  # type: ignore[no-untyped-call]
+        restore = proba.Gaussian._from_state
+        gaussian = restore(count, mean, variance, ddof=1)  # type: ignore[no-untyped-call]
+        detector._gaussian = gaussian
         return detector
 
 
