@@ -183,3 +183,32 @@ def export(ctx: click.Context, unreachable_max_backoff_s: float, **flags: Any) -
         pass
     except PipelineError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+# -- score-csv --------------------------------------------------------------------
+
+
+@main.command("score-csv")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--detector", "detector_name", default="surprise", show_default=True,
+    help="registered detector name (surprise, gaussian)",
+)  # fmt: skip
+def score_csv_command(file: Path, detector_name: str) -> None:
+    """Print timestamp,value,anomaly_score for each row of a timestamp,value CSV."""
+    from models.csvseries import InvalidSeries
+    from models.detectors import DETECTORS, DetectorSpec
+    from streams.scorecsv import score_csv
+
+    if detector_name not in DETECTORS:
+        names = ", ".join(sorted(DETECTORS))
+        message = f"--detector must be one of {names} (got {detector_name!r})"
+        raise click.BadParameter(message)
+    try:
+        rows = list(score_csv(file, DetectorSpec(name=detector_name)))
+    except InvalidSeries as exc:
+        raise click.ClickException(f"{file}: {exc}") from exc
+
+    click.echo("timestamp,value,anomaly_score")
+    for timestamp_text, value_text, score in rows:
+        click.echo(f"{timestamp_text},{value_text},{score!r}")
