@@ -120,6 +120,65 @@ def stack_status(ctx: click.Context, **flags: Any) -> None:
     sys.exit(main_status(_settings(ctx, **flags)))
 
 
+# -- bridge -----------------------------------------------------------------------
+
+
+@main.command("bridge")
+@click.option("--mqtt-topic-pattern", help="[env EDGE_MQTT_TOPIC_PATTERN]")
+@click.option("--mqtt-client-id", help="[env EDGE_MQTT_CLIENT_ID]")
+@click.option("--bridge-max-inflight", type=int, help="[env EDGE_BRIDGE_MAX_INFLIGHT]")
+@click.option(
+    "--bridge-max-payload-bytes", type=int, help="[env EDGE_BRIDGE_MAX_PAYLOAD_BYTES]"
+)
+@click.pass_context
+def bridge(ctx: click.Context, **flags: Any) -> None:
+    """Move MQTT telemetry into Kafka's telemetry-raw topic (QoS 1, no loss)."""
+    from streams.processes import run_bridge
+
+    settings = _settings(ctx, **flags)
+    logger.info("effective configuration %s", settings.redacted())
+    run_bridge(settings)
+
+
+# -- replay -----------------------------------------------------------------------
+
+
+@main.command("replay")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--speed", type=float, default=0.0, show_default=True,
+              help="event-time speed-up factor; 0 publishes as fast as possible")
+@click.option("--device-id", help="device id (one file only); default: file name")
+@click.option("--metric", help="metric name; default: guessed from the file name")
+@click.option("--limit", type=int, help="publish at most N rows per file")
+@click.option("--progress/--no-progress", default=True, help="show a progress bar")
+@click.pass_context
+def replay(
+    ctx: click.Context,
+    files: tuple[str, ...],
+    speed: float,
+    device_id: str | None,
+    metric: str | None,
+    limit: int | None,
+    progress: bool,
+) -> None:
+    """Publish timestamp,value CSV series over MQTT with QoS 1, one device per file."""
+    from streams.replay import replay_files
+
+    settings = _settings(ctx)
+    if device_id and len(files) > 1:
+        raise click.UsageError("--device-id needs exactly one FILE")
+    count = replay_files(
+        [Path(f) for f in files],
+        settings=settings,
+        speed=speed,
+        device_id=device_id,
+        metric=metric,
+        limit=limit,
+        progress=progress,
+    )
+    click.echo(f"published {count} readings")
+
+
 # -- rules ------------------------------------------------------------------------
 
 

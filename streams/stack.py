@@ -20,6 +20,7 @@ processes whose pids it wrote. Nothing here is used by the pipeline itself.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import shutil
@@ -236,9 +237,11 @@ class LocalStack:
         template = MOSQUITTO_CONF_TEMPLATE.read_text()
         config = self.root / "mosquitto.conf"
         config.write_text(
-            template.replace("{port}", str(s.mqtt_port)).replace(
-                "{persistence_dir}", f"{data}/"
-            )
+            template.replace("{port}", str(s.mqtt_port))
+            .replace("{persistence_dir}", f"{data}/")
+            # Started as root, Mosquitto switches to this user; keep the one that
+            # owns the data folder so persistence can be written.
+            .replace("{user}", getpass.getuser())
         )
         return Server(
             name="mosquitto",
@@ -285,15 +288,17 @@ class LocalStack:
                 f"port 127.0.0.1:{server.port} is taken by a process this stack did"
                 f" not start; stop it or choose another port for {server.name}"
             )
-        log = (self.log_dir / f"{server.name}.log").open("ab")
-        process = subprocess.Popen(
-            server.argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, **(server.env or {})},
-        )
+        with (self.log_dir / f"{server.name}.log").open("ab") as log:
+            # Detached on purpose: the server outlives this command; `down` stops it
+            # by the pid written below.
+            process = subprocess.Popen(
+                server.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **(server.env or {})},
+            )
         (self.run_dir / f"{server.name}.pid").write_text(str(process.pid))
         self.say(f"{server.name:<10} started (pid {process.pid})")
 

@@ -1,0 +1,493 @@
+"""The MQTT -> Kafka bridge: move device payloads into ``telemetry-raw``, lose none.
+
+The bridge subscribes with QoS 1 under a persistent MQTT v5 session (stable client
+id, clean start off, a long session expiry) and acknowledges each MQTT message only
+after Kafka acknowledged the record it became (paho's manual acknowledgement). A
+crash at any point therefore loses nothing: Mosquitto redelivers every message that
+was not acknowledged, and downstream de-duplication absorbs the repeats.
+
+In flight is bounded by the MQTT v5 *receive maximum* the bridge asks for: once that
+many messages await Kafka, Mosquitto stops sending and holds the backlog in its
+queue (configure its ``max_queued_messages`` high). So a slow or absent Kafka
+costs broker disk, never bridge memory.
+
+The payload bytes are forwarded as received: the bridge does not parse them (the
+worker does). It dead-letters only what it can judge without parsing: an empty
+payload, one over the size limit, or a topic outside the configured pattern.
+
+Threads: paho runs its network loop in a thread of its own; messages cross into the
+asyncio loop through a deque with one wake-up per burst, and acknowledgements go
+back through ``Client.ack``, which paho makes safe to call from another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from aiokafka import AIOKafkaProducer
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_any,
+    stop_when_event_set,
+    wait_random_exponential,
+)
+
+logger = logging.getLogger(__name__)
+
+_PLACEHOLDER = re.compile(r"\{(device_id|site)\}")
+
+# Dead-letter records carry at most this much of the original payload (base64), so
+# one oversized message cannot make an oversized Kafka record.
+DEAD_LETTER_PAYLOAD_LIMIT_BYTES = 64 * 1024
+
+
+class TopicPattern:
+    """An MQTT topic pattern such as ``devices/{device_id}/telemetry``.
+
+    ``{device_id}`` (required) and ``{site}`` (optional) each match one topic level.
+
+    >>> p = TopicPattern("sites/{site}/devices/{device_id}/telemetry")
+    >>> p.subscription
+    'sites/+/devices/+/telemetry'
+    >>> p.match("sites/s1/devices/d7/telemetry")
+    {'site': 's1', 'device_id': 'd7'}
+    >>> p.match("sites/s1/devices/d7/status") is None
+    True
+    """
+
+    def __init__(self, pattern: str) -> None:
+        if "{device_id}" not in pattern:
+            raise ValueError(f"topic pattern must contain {{device_id}}: {pattern!r}")
+        self.pattern = pattern
+        # A level holding a placeholder (even with other text, as in "dev-{device_id}")
+        # is subscribed as "+"; the regex below then checks the whole topic.
+        self.subscription = "/".join(
+            "+" if _PLACEHOLDER.search(level) else level for level in pattern.split("/")
+        )
+        regex = ""
+        for i, part in enumerate(_PLACEHOLDER.split(pattern)):
+            # re.split with one group alternates literal text and placeholder names.
+            regex += re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)"
+        self._regex = re.compile(regex + r"\Z")
+
+    def match(self, topic: str) -> dict[str, str] | None:
+        """Return the placeholder values of ``topic``, or None outside the pattern."""
+        found = self._regex.match(topic)
+        return found.groupdict() if found else None
+
+
+@dataclass
+class BridgeCounters:
+    """Running totals of the bridge; ``in_flight`` awaits Kafka's acknowledgement."""
+
+    received: int = 0
+    produced: int = 0
+    dead_lettered: int = 0
+    acknowledged: int = 0
+    produce_failures: int = 0
+    reconnects: int = 0
+    in_flight: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """Return the counters as a plain dict."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Inbound:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    received_at_ms: int
+    generation: int
+
+
+class Bridge:
+    """Subscribe to device telemetry over MQTT and produce it to Kafka.
+
+    Use ``async with Bridge(...) as bridge: await bridge.wait_stopped()`` or call
+    :meth:`start` and :meth:`stop`. Cancellation of :meth:`wait_stopped` leaves
+    the bridge running; call :meth:`stop` to drain and disconnect.
+    """
+
+    def __init__(
+        self,
+        *,
+        mqtt_host: str,
+        mqtt_port: int,
+        client_id: str,
+        topic_pattern: str,
+        kafka_bootstrap: str,
+        raw_topic: str,
+        dead_letter_topic: str,
+        max_payload_bytes: int = 1024 * 1024,
+        max_inflight: int = 1000,
+        session_expiry_s: int = 7 * 24 * 3600,
+        summary_interval_s: float = 30.0,
+        reconnect_max_s: float = 10.0,
+        producer_factory: Callable[[], AIOKafkaProducer] | None = None,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.pattern = TopicPattern(topic_pattern)
+        self.counters = BridgeCounters()
+        self._mqtt_host = mqtt_host
+        self._mqtt_port = mqtt_port
+        self._client_id = client_id
+        self._raw_topic = raw_topic
+        self._dead_letter_topic = dead_letter_topic
+        self._max_payload_bytes = max_payload_bytes
+        self._max_inflight = max_inflight
+        self._session_expiry_s = session_expiry_s
+        self._summary_interval_s = summary_interval_s
+        self._reconnect_max_s = reconnect_max_s
+        self._clock_ms = clock_ms
+        self._producer_factory = producer_factory or (
+            lambda: AIOKafkaProducer(
+                bootstrap_servers=kafka_bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=0,
+                # Long enough to ride out a broker restart without failing batches;
+                # a batch that does fail is redelivered by MQTT (not acknowledged).
+                request_timeout_ms=120_000,
+                retry_backoff_ms=200,
+            )
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: collections.deque[_Inbound] = collections.deque()
+        self._wake = asyncio.Event()
+        self._stopping = threading.Event()
+        self._stopped = asyncio.Event()
+        self._generation = 0
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Bridge:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to Kafka (retrying until it answers), then subscribe over MQTT."""
+        self._loop = asyncio.get_running_loop()
+        self._producer = await self._start_producer()
+        self._client = self._new_client()
+        self._thread = threading.Thread(
+            target=self._run_mqtt, name="mqtt-loop", daemon=True
+        )
+        self._thread.start()
+        self._tasks = [
+            asyncio.create_task(self._pump(), name="bridge-pump"),
+            asyncio.create_task(self._log_summaries(), name="bridge-summary"),
+        ]
+        logger.info(
+            "bridge started mqtt=%s:%d subscription=%s topic=%s max_inflight=%d",
+            self._mqtt_host,
+            self._mqtt_port,
+            self.pattern.subscription,
+            self._raw_topic,
+            self._max_inflight,
+        )
+
+    async def stop(self) -> None:
+        """Stop taking messages, let Kafka acknowledge what is in flight, disconnect.
+
+        Messages Kafka has not acknowledged when the producer stops stay
+        unacknowledged over MQTT, so the broker redelivers them next time.
+        """
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._producer is not None:
+            await self._producer.stop()
+        self._stopped.set()
+        logger.info("bridge stopped %s", _format_counters(self.counters))
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`stop` completed."""
+        await self._stopped.wait()
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        delay_s = 0.5
+        while True:
+            producer = self._producer_factory()
+            try:
+                await producer.start()
+                return producer
+            except Exception as exc:  # noqa: BLE001 - any start failure is retried
+                await producer.stop()
+                logger.warning(
+                    "Kafka not reachable, retrying in %.1f s: %s", delay_s, exc
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._reconnect_max_s)
+
+    # -- MQTT side (paho thread) ----------------------------------------------------
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self._client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        # paho's own queue of outgoing messages is not used: the bridge only acks.
+        client.max_inflight_messages_set(self._max_inflight)
+        return client
+
+    def _run_mqtt(self) -> None:
+        client = self._client
+        if client is None:
+            raise RuntimeError("bridge not started")
+        while not self._stopping.is_set():
+            self._connect_with_backoff(client)
+            if self._stopping.is_set():
+                break
+            while not self._stopping.is_set():
+                if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+            self._connected.clear()
+        try:
+            client.disconnect()
+            client.loop(timeout=0.1)
+        except Exception:  # noqa: BLE001 - closing a broken socket may fail
+            logger.debug("MQTT disconnect at stop failed", exc_info=True)
+
+    def _connect_with_backoff(self, client: mqtt.Client) -> None:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self._session_expiry_s
+        properties.ReceiveMaximum = self._max_inflight
+        retrying = Retrying(
+            wait=wait_random_exponential(multiplier=0.25, max=self._reconnect_max_s),
+            retry=retry_if_exception_type(OSError),
+            stop=stop_any(stop_when_event_set(self._stopping)),
+            before_sleep=lambda state: logger.warning(
+                "MQTT broker not reachable, retrying host=%s port=%d attempt=%d",
+                self._mqtt_host,
+                self._mqtt_port,
+                state.attempt_number,
+            ),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    client.connect(
+                        self._mqtt_host,
+                        self._mqtt_port,
+                        keepalive=30,
+                        clean_start=False,
+                        properties=properties,
+                    )
+        except OSError:
+            return  # only when stopping
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            logger.error("MQTT broker refused the connection reason=%s", reason_code)
+            client.disconnect()
+            return
+        self._generation += 1
+        if self._generation > 1:
+            self.counters.reconnects += 1
+        self._connected.set()
+        # Subscribe on every connect: a broker that lost its state (no persistence,
+        # expired session) would otherwise leave the bridge deaf.
+        client.subscribe(self.pattern.subscription, qos=1)
+        logger.info(
+            "MQTT connected host=%s port=%d session_present=%s subscription=%s",
+            self._mqtt_host,
+            self._mqtt_port,
+            flags.session_present,
+            self.pattern.subscription,
+        )
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if not self._stopping.is_set():
+            logger.warning("MQTT connection lost reason=%s", reason_code)
+
+    def _on_message(
+        self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
+    ) -> None:
+        inbound = _Inbound(
+            topic=message.topic,
+            payload=message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            mid=message.mid,
+            received_at_ms=self._clock_ms(),
+            generation=self._generation,
+        )
+        was_empty = not self._inbox
+        self._inbox.append(inbound)
+        if was_empty and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _acknowledge(self, inbound: _Inbound) -> None:
+        # An ack belongs to the connection that delivered the message; after a
+        # reconnect the broker redelivers it and the copy is acknowledged instead.
+        client = self._client
+        if client is None or inbound.generation != self._generation:
+            return
+        if inbound.qos > 0:
+            client.ack(inbound.mid, inbound.qos)
+        self.counters.acknowledged += 1
+
+    # -- Kafka side (asyncio) --------------------------------------------------------
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._inbox:
+                await self._forward(self._inbox.popleft())
+
+    async def _forward(self, inbound: _Inbound) -> None:
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("bridge not started")
+        self.counters.received += 1
+        self.counters.in_flight += 1
+        problem, device_id = self._check(inbound)
+        if problem is None:
+            future = await producer.send(
+                self._raw_topic,
+                value=inbound.payload,
+                key=device_id.encode(),
+                headers=_headers(inbound),
+            )
+            future.add_done_callback(lambda f: self._delivered(inbound, f, False))
+        else:
+            logger.warning(
+                "dead-lettering MQTT message topic=%s reason=%s", inbound.topic, problem
+            )
+            future = await producer.send(
+                self._dead_letter_topic,
+                value=_dead_letter(inbound, problem, device_id or None),
+                key=device_id.encode() if device_id else None,
+                headers=_headers(inbound),
+            )
+            future.add_done_callback(lambda f: self._delivered(inbound, f, True))
+
+    def _check(self, inbound: _Inbound) -> tuple[str | None, str]:
+        fields = self.pattern.match(inbound.topic)
+        if fields is None:
+            return (
+                f"MQTT topic {inbound.topic!r} does not match the pattern "
+                f"{self.pattern.pattern!r}",
+                "",
+            )
+        device_id = fields["device_id"]
+        size = len(inbound.payload)
+        if size == 0:
+            return "payload is empty (0 bytes)", device_id
+        if size > self._max_payload_bytes:
+            return (
+                f"payload is {size} bytes, over the limit of "
+                f"{self._max_payload_bytes} bytes (EDGE_BRIDGE_MAX_PAYLOAD_BYTES)",
+                device_id,
+            )
+        return None, device_id
+
+    def _delivered(
+        self, inbound: _Inbound, future: asyncio.Future[Any], dead_letter: bool
+    ) -> None:
+        self.counters.in_flight -= 1
+        if future.cancelled() or future.exception() is not None:
+            self.counters.produce_failures += 1
+            logger.error(
+                "Kafka did not take a message; it stays unacknowledged over MQTT and"
+                " will be redelivered topic=%s error=%r",
+                inbound.topic,
+                None if future.cancelled() else future.exception(),
+            )
+            self._force_redelivery()
+            return
+        if dead_letter:
+            self.counters.dead_lettered += 1
+        else:
+            self.counters.produced += 1
+        self._acknowledge(inbound)
+
+    def _force_redelivery(self) -> None:
+        # Reconnecting makes the broker resend every unacknowledged message, in order.
+        client = self._client
+        if client is not None and self._connected.is_set():
+            client.disconnect()
+
+    async def _log_summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self._summary_interval_s)
+            logger.info("bridge %s", _format_counters(self.counters))
+
+
+def _headers(inbound: _Inbound) -> list[tuple[str, bytes]]:
+    return [
+        ("mqtt_topic", inbound.topic.encode()),
+        ("mqtt_qos", str(inbound.qos).encode()),
+        ("mqtt_retain", b"1" if inbound.retain else b"0"),
+        ("received_at_ms", str(inbound.received_at_ms).encode()),
+    ]
+
+
+def _dead_letter(inbound: _Inbound, reason: str, device_id: str | None) -> bytes:
+    payload = inbound.payload[:DEAD_LETTER_PAYLOAD_LIMIT_BYTES]
+    return orjson.dumps(
+        {
+            "stage": "bridge",
+            "reason": reason,
+            "source": f"mqtt:{inbound.topic}",
+            "device_id": device_id,
+            "received_at_ms": inbound.received_at_ms,
+            "payload_b64": base64.b64encode(payload).decode(),
+            "truncated": len(payload) < len(inbound.payload),
+        }
+    )
+
+
+def _format_counters(counters: BridgeCounters) -> str:
+    return " ".join(f"{k}={v}" for k, v in counters.snapshot().items())

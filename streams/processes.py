@@ -1,0 +1,49 @@
+"""Long-running processes (bridge, worker) wired from :class:`Settings`.
+
+Each ``run_*`` function builds the connectors from settings, runs them until
+SIGINT or SIGTERM, then stops them cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from connectors.kafka_topics import PIPELINE_TOPICS, ensure_topics
+from connectors.mqtt import Bridge
+from streams.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def run_bridge(settings: Settings) -> None:
+    """Run the MQTT -> Kafka bridge until SIGINT or SIGTERM."""
+    asyncio.run(_run_bridge(settings))
+
+
+async def _run_bridge(settings: Settings) -> None:
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        [settings.topic(name) for name in PIPELINE_TOPICS],
+        partitions=settings.partitions,
+    )
+    bridge = Bridge(
+        mqtt_host=settings.mqtt_host,
+        mqtt_port=settings.mqtt_port_from_url,
+        client_id=settings.mqtt_client_id,
+        topic_pattern=settings.mqtt_topic_pattern,
+        kafka_bootstrap=settings.kafka_bootstrap,
+        raw_topic=settings.topic("telemetry-raw"),
+        dead_letter_topic=settings.topic("dead-letters"),
+        max_payload_bytes=settings.bridge_max_payload_bytes,
+        max_inflight=settings.bridge_max_inflight,
+        session_expiry_s=settings.mqtt_session_expiry_s,
+        summary_interval_s=settings.log_summary_interval_s,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with bridge:
+        await stop.wait()
