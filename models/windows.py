@@ -197,7 +197,9 @@ class _Pane:
     """The readings of one ``step_ms`` wide slice of time."""
 
     start_ms: int
-    kept: set[tuple[int, float]] = field(default_factory=set)
+    # A dict used as an ordered set: the state bytes keep the arrival order, so
+    # a round trip through to_bytes gives the same bytes.
+    kept: dict[tuple[int, float], None] = field(default_factory=dict)
     last_time_ms: int = _NEVER
     last_value: float = 0.0
     # Readings past max_readings_per_window: counted, not remembered.
@@ -288,7 +290,7 @@ class SeriesWindows:
             return _DUPLICATE
 
         if len(pane.kept) < spec.max_readings_per_window:
-            pane.kept.add(key)
+            pane.kept[key] = None
         else:
             pane.extra_count += 1
             pane.extra_sum += value
@@ -441,24 +443,22 @@ class SeriesWindows:
                 _PANE.unpack_from(data, offset)
             )
             offset += _PANE.size
-            pane = _Pane(start_ms, set(), last_time_ms, last_value, extra_count)
+            pane = _Pane(start_ms, {}, last_time_ms, last_value, extra_count)
             if extra_count:
                 pane.extra_sum, pane.extra_min, pane.extra_max = _EXTRA.unpack_from(
                     data, offset
                 )
                 offset += _EXTRA.size
+            if offset + 12 * kept_count > len(data):
+                raise IndexError("pane shorter than its count")
             offsets = array("I")
             offsets.frombytes(data[offset : offset + 4 * kept_count])
             offset += 4 * kept_count
             values = array("d")
             values.frombytes(data[offset : offset + 8 * kept_count])
             offset += 8 * kept_count
-            if len(values) != kept_count:
-                raise IndexError("pane shorter than its count")
-            pane.kept = {
-                (start_ms + delta, value)
-                for delta, value in zip(offsets, values, strict=True)
-            }
+            times = [start_ms + delta for delta in offsets]
+            pane.kept = dict.fromkeys(zip(times, values, strict=True))
             windows._panes[start_ms] = pane
         if offset != len(data):
             raise IndexError("trailing bytes after the last pane")
