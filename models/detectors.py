@@ -23,7 +23,7 @@ from river import proba
 
 # A score at or above this is an anomaly for the default detector; chosen on NAB
 # (see docs/BENCHMARKS.md) and used as the default of alerting rules.
-DEFAULT_THRESHOLD = 0.53
+DEFAULT_THRESHOLD = 0.8
 
 # Tail probabilities are floored at 1e-10 and mapped to [0, 1] by their logarithm:
 # a probability of 1e-10 (or smaller) scores 1, a probability of 1 scores 0.
@@ -109,10 +109,12 @@ class SurpriseDetector:
         grace_period: Readings scored 0 while the statistics settle.
         value_fading: Weight of the newest reading in the value and change
             statistics (0.01: a memory of about 100 readings).
-        short_fading: Weight of the newest raw surprise in its short-term average.
+        short_fading: Weight of the newest raw surprise in its short-term average
+            (0.8: high enough that a lone spike is flagged on its own reading).
         long_fading: Weight of the newest raw surprise in its long-term mean and
             variance (0.001: a memory of about 1,000 readings).
-        suppress_above: Score at which a detection silences the next ones.
+        suppress_above: Score at which a detection silences the next ones; the
+            same as :data:`DEFAULT_THRESHOLD`.
         suppress_readings: How many readings stay silent after such a detection.
     """
 
@@ -124,7 +126,7 @@ class SurpriseDetector:
         self,
         grace_period: int = 150,
         value_fading: float = 0.01,
-        short_fading: float = 0.3,
+        short_fading: float = 0.8,
         long_fading: float = 0.001,
         suppress_above: float = 0.8,
         suppress_readings: int = 300,
@@ -329,11 +331,12 @@ class GaussianDetector:
         return score
 
     def to_bytes(self) -> bytes:
-        """Serialise count, mean and variance in 25 bytes."""
-        gaussian = self._gaussian
-        variance = float(gaussian.sigma) ** 2
-        count = float(gaussian.n_samples)
-        return self._STATE.pack(self._VERSION, count, float(gaussian.mu), variance)
+        """Serialise count, mean and sum of squared deviations in 25 bytes."""
+        # Welford's own sums, not the variance, so a restore is bit-identical.
+        welford = self._gaussian._var
+        count = float(welford.mean.n)
+        mean = float(welford.mean._mean)
+        return self._STATE.pack(self._VERSION, count, mean, float(welford._S))
 
     @classmethod
     def from_bytes(cls, data: bytes, **params: float) -> GaussianDetector:
@@ -348,11 +351,12 @@ class GaussianDetector:
                 f"version {cls._VERSION} (got {len(data)} bytes)"
             )
             raise ValueError(message)
-        _, count, mean, variance = cls._STATE.unpack(data)
+        _, count, mean, sum_squares = cls._STATE.unpack(data)
         detector = cls(**params)  # type: ignore[arg-type]
-        restore = proba.Gaussian._from_state
-        gaussian = restore(count, mean, variance, ddof=1)  # type: ignore[no-untyped-call]
-        detector._gaussian = gaussian
+        welford = detector._gaussian._var
+        welford.mean.n = count
+        welford.mean._mean = mean
+        welford._S = sum_squares
         return detector
 
 

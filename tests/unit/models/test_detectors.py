@@ -1,0 +1,131 @@
+import math
+
+import pytest
+
+from models.detectors import (
+    DEFAULT_THRESHOLD,
+    DETECTORS,
+    DetectorSpec,
+    build_detector,
+    restore_detector,
+)
+
+NAMES = sorted(DETECTORS)
+
+
+def _readings(n: int) -> list[float]:
+    return [10.0 + math.sin(i / 3.0) + 0.1 * ((i * 7919) % 13) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detector_scores_stay_in_unit_interval(name: str) -> None:
+    detector = build_detector(DetectorSpec(name, seed=1))
+    values = _readings(400) + [1e6, -1e6, 0.0, 10.0]
+
+    scores = [detector.score_then_learn(v, i) for i, v in enumerate(values)]
+
+    assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detector_scores_before_learning(name: str) -> None:
+    """score_then_learn returns what score_one said, and score_one learns nothing."""
+    detector = build_detector(DetectorSpec(name, seed=1))
+    for i, value in enumerate(_readings(300)):
+        detector.learn_one(value, i)
+    state = detector.to_bytes()
+
+    first = detector.score_one(25.0, 300)
+    second = detector.score_one(25.0, 300)
+    unchanged = detector.to_bytes()
+    combined = detector.score_then_learn(25.0, 300)
+
+    assert first == second == combined
+    assert unchanged == state
+    assert detector.to_bytes() != state
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detector_is_deterministic_with_seed(name: str) -> None:
+    values = _readings(500)
+    runs = []
+    for _ in range(2):
+        detector = build_detector(DetectorSpec(name, seed=7))
+        runs.append([detector.score_then_learn(v, i) for i, v in enumerate(values)])
+
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_restored_detector_continues_identically(name: str) -> None:
+    spec = DetectorSpec(name, seed=3)
+    values = _readings(600)
+    detector = build_detector(spec)
+    for i, value in enumerate(values[:300]):
+        detector.score_then_learn(value, i)
+
+    restored = restore_detector(spec, detector.to_bytes())
+    tail = list(enumerate(values[300:], start=300))
+    expected = [detector.score_then_learn(v, i) for i, v in tail]
+    got = [restored.score_then_learn(v, i) for i, v in tail]
+
+    assert got == expected
+    assert restored.to_bytes() == detector.to_bytes()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detector_state_fits_in_two_kib(name: str) -> None:
+    detector = build_detector(DetectorSpec(name))
+    for i, value in enumerate(_readings(1000)):
+        detector.score_then_learn(value, i)
+
+    assert len(detector.to_bytes()) <= 2048
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detector_scores_zero_during_grace_period(name: str) -> None:
+    detector = build_detector(DetectorSpec(name, params={"grace_period": 50}))
+    values = [1.0, 1e9, -1e9] * 20
+
+    scores = [detector.score_then_learn(v, i) for i, v in enumerate(values)]
+
+    assert detector.grace_period == 50
+    assert scores[:50] == [0.0] * 50
+    assert max(scores[50:]) > 0.0
+
+
+def test_default_detector_flags_spike_at_the_spike() -> None:
+    detector = build_detector(DetectorSpec())
+    values = _readings(500)
+    values[400] = 30.0
+
+    scores = [detector.score_then_learn(v, i) for i, v in enumerate(values)]
+
+    assert scores[400] >= DEFAULT_THRESHOLD
+    assert max(scores[:400]) < DEFAULT_THRESHOLD
+
+
+def test_default_detector_silences_repeats_after_a_detection() -> None:
+    detector = build_detector(DetectorSpec(params={"suppress_readings": 10}))
+    values = _readings(500)
+    values[400] = 30.0
+
+    scores = [detector.score_then_learn(v, i) for i, v in enumerate(values)]
+
+    assert scores[401:411] == [0.0] * 10
+
+
+def test_default_detector_state_is_73_bytes() -> None:
+    assert len(build_detector(DetectorSpec()).to_bytes()) == 73
+
+
+def test_build_detector_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match="got 'nope'"):
+        build_detector(DetectorSpec("nope"))
+
+
+def test_restore_detector_rejects_foreign_state() -> None:
+    state = build_detector(DetectorSpec("gaussian")).to_bytes()
+
+    with pytest.raises(ValueError, match="got 25 bytes"):
+        restore_detector(DetectorSpec("surprise"), state)
