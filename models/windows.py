@@ -292,6 +292,9 @@ class SeriesWindows:
         if len(pane.kept) < spec.max_readings_per_window:
             pane.kept[key] = None
         else:
+            # TODO: past the bound the quantiles see only the first readings kept,
+            # which biases them when a window's values drift; a mergeable sketch
+            # (KLL or t-digest) per pane would fix it, at more bytes per series.
             pane.extra_count += 1
             pane.extra_sum += value
             pane.extra_min = min(pane.extra_min, value)
