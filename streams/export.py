@@ -28,7 +28,11 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    TopicAlreadyExistsError,
+)
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
 )
@@ -213,13 +217,16 @@ class ExportService:
 
     async def stop(self) -> None:
         """Cancel the loop (a batch in flight stays uncommitted), then disconnect."""
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
-            self._task = None
+            except Exception:
+                # The loop had died; stopping still has to release the clients.
+                logger.exception("export loop had failed before stop")
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
@@ -385,7 +392,18 @@ class ExportService:
         consumer = self._consumer
         if consumer is None or not batch.offsets:
             return
-        await consumer.commit(dict(batch.offsets))
+        try:
+            await consumer.commit(dict(batch.offsets))
+        except (CommitFailedError, IllegalStateError) as exc:
+            # A rebalance took partitions away mid-batch: their new owner starts
+            # from the last commit and exports this batch again (at least once).
+            logger.warning(
+                "offsets not committed after a rebalance; the batch will be"
+                " exported again batch_size=%d error=%s",
+                batch.held,
+                type(exc).__name__,
+            )
+            return
         self.counters.commits += 1
         lag: dict[str, int] = {}
         for tp, next_offset in batch.offsets.items():
@@ -478,12 +496,19 @@ async def run_export_service(settings: Settings, **options: Any) -> None:
     if settings.otlp_endpoint is not None:
         sink = Exporter(exporter_config(settings, **options))
     service = ExportService(settings, sink=sink)
-    await service.start()
-    try:
+
+    async def log_summaries() -> None:
         while True:
             await asyncio.sleep(settings.log_summary_interval_s)
             logger.info("export counters %s", service.snapshot())
+
+    await service.start()
+    summaries = asyncio.create_task(log_summaries())
+    try:
+        # Returns only when the export loop died; its error propagates.
+        await service.wait()
     finally:
+        summaries.cancel()
         await service.stop()
 
 

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import Counter
 
+import orjson
 import pytest
 
 from connectors.otlp.exporter import (
@@ -31,7 +32,7 @@ from tests.integration._collector import (
     require_kafka,
     wait_for,
 )
-from tests.integration.brokers import KAFKA
+from tests.integration.brokers import KAFKA, consume
 
 pytestmark = pytest.mark.integration
 
@@ -310,3 +311,61 @@ def test_export_service_pauses_while_receiver_is_down_and_commits_only_after_2xx
     unreachable_waits = [d for d in delays if d != 1.0]
     assert unreachable_waits and max(unreachable_waits) <= 0.4
     assert service.counters.max_records_held <= batch_points
+
+
+def test_export_service_writes_otlp_json_files_and_dead_letters_bad_records(tmp_path):
+    require_kafka()
+    run_id = f"j{uuid.uuid4().hex[:8]}"
+    settings = settings_for(f"{run_id}-", otlp_output_dir=tmp_path)
+    summaries, anomalies, decisions = make_records(run_id, windows=2, devices=2)
+    bad = [
+        (settings.topic("window-summaries"), b"dev-x", b"{not json"),
+        (settings.topic("anomalies"), b"dev-y", b'{"device_id": "dev-y"}'),
+    ]
+    total = len(summaries) + len(anomalies) + len(decisions) + len(bad)
+    service = ExportService(settings)
+
+    async def scenario() -> dict:
+        await service.start()
+        await publish(settings, summaries, anomalies, decisions)
+        await produce(bad)
+        await wait_for(
+            lambda: service.counters.records >= total,
+            timeout_s=SERVICE_TIMEOUT_S,
+            what="every record handled",
+        )
+        await service.stop()
+        return await committed_offsets(service.group_id)
+
+    committed = asyncio.run(scenario())
+    letters = consume(
+        [settings.topic("dead-letters")], until=lambda r: len(r) >= 2, timeout_s=20
+    )
+
+    assert sum(committed.values()) == total
+    assert service.counters.dead_letters == 2
+    reasons = sorted(orjson.loads(r.value)["reason"].split(" ")[0] for r in letters)
+    assert reasons == ["anomalies", "window-summaries"]
+    assert all(orjson.loads(r.value)["stage"] == "export" for r in letters)
+    metric_lines = (tmp_path / "metrics.jsonl").read_bytes().splitlines()
+    points = [
+        p
+        for line in metric_lines
+        for rm in orjson.loads(line)["resourceMetrics"]
+        for sm in rm["scopeMetrics"]
+        for m in sm["metrics"]
+        for p in m["summary"]["dataPoints"]
+    ]
+    assert sorted(int(p["startTimeUnixNano"]) for p in points) == sorted(
+        s.window_start_ms * 1_000_000 for s in summaries
+    )
+    log_lines = (tmp_path / "logs.jsonl").read_bytes().splitlines()
+    events = [
+        r["eventName"]
+        for line in log_lines
+        for rl in orjson.loads(line)["resourceLogs"]
+        for sl in rl["scopeLogs"]
+        for r in sl["logRecords"]
+    ]
+    assert Counter(events) == {"edge.anomaly": 2, "edge.decision": 2}
+    assert set(service.snapshot()["lag_by_topic"].values()) <= {0}
