@@ -138,3 +138,16 @@ def _lines() -> Iterable[dict[str, Any]]:
         # The collector flushes in blocks: a last line without its newline is
         # still being written and is read on the next poll.
         return [orjson.loads(line) for line in handle if line.endswith(b"\n")]
+
+
+async def delete_topics(names: list[str]) -> None:
+    """Delete exactly these topics, where they exist (a test's own, at teardown)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        mine = [name for name in names if name in existing]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()

@@ -21,10 +21,11 @@ from connectors.otlp.exporter import (
 )
 from models.records import AnomalyScore, Decision, WindowSummary
 from streams.config import Settings
-from streams.export import ExportService
+from streams.export import SOURCE_TOPICS, ExportService
 from tests.integration._collector import (
     OTLP_ENDPOINT,
     committed_offsets,
+    delete_topics,
     produce,
     received_logs,
     received_points,
@@ -87,6 +88,21 @@ def settings_for(prefix: str, **kw) -> Settings:
     )
 
 
+@pytest.fixture
+def make_settings():
+    """Build a run's settings; delete exactly that run's topics afterwards."""
+    made: list[Settings] = []
+
+    def make(prefix: str, **kw) -> Settings:
+        made.append(settings_for(prefix, **kw))
+        return made[-1]
+
+    yield make
+    if made:
+        names = [s.topic(n) for s in made for n in (*SOURCE_TOPICS, "dead-letters")]
+        asyncio.run(delete_topics(names))
+
+
 async def publish(settings: Settings, summaries, anomalies, decisions) -> None:
     items = [
         (settings.topic("window-summaries"), s.device_id.encode(), s.to_json())
@@ -116,11 +132,13 @@ async def export_all(service: ExportService, total: int) -> None:
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_export_service_delivers_every_point_to_the_collector_once(codec):
+def test_export_service_delivers_every_point_to_the_collector_once(
+    codec, make_settings
+):
     require_kafka()
     require_collector()
     run_id = f"x{uuid.uuid4().hex[:8]}{codec}"
-    settings = settings_for(
+    settings = make_settings(
         f"{run_id}-", otlp_endpoint=OTLP_ENDPOINT, otlp_compression=codec
     )
     summaries, anomalies, decisions = make_records(run_id)
@@ -247,12 +265,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_export_service_pauses_while_receiver_is_down_and_commits_only_after_2xx():
+def test_export_service_pauses_while_receiver_is_down_and_commits_only_after_2xx(
+    make_settings,
+):
     require_kafka()
     run_id = f"f{uuid.uuid4().hex[:8]}"
     port = free_port()
     batch_points = 10
-    settings = settings_for(
+    settings = make_settings(
         f"{run_id}-",
         otlp_endpoint=f"http://127.0.0.1:{port}",
         export_max_batch_points=batch_points,
@@ -313,10 +333,12 @@ def test_export_service_pauses_while_receiver_is_down_and_commits_only_after_2xx
     assert service.counters.max_records_held <= batch_points
 
 
-def test_export_service_writes_otlp_json_files_and_dead_letters_bad_records(tmp_path):
+def test_export_service_writes_otlp_json_files_and_dead_letters_bad_records(
+    tmp_path, make_settings
+):
     require_kafka()
     run_id = f"j{uuid.uuid4().hex[:8]}"
-    settings = settings_for(f"{run_id}-", otlp_output_dir=tmp_path)
+    settings = make_settings(f"{run_id}-", otlp_output_dir=tmp_path)
     summaries, anomalies, decisions = make_records(run_id, windows=2, devices=2)
     bad = [
         (settings.topic("window-summaries"), b"dev-x", b"{not json"),
