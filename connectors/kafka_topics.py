@@ -34,11 +34,15 @@ async def ensure_topics(
     partitions: int,
     replication_factor: int = 1,
     timeout_s: float = 60.0,
+    compacted: frozenset[str] = frozenset(),
 ) -> None:
-    """Create the topics in ``names`` that do not exist yet.
+    """Create the topics in ``names`` that do not exist yet, and wait for them.
 
     Waits up to ``timeout_s`` for Kafka to answer, retrying every second, so a
-    process started together with the broker does not fail.
+    process started together with the broker does not fail; then waits until the
+    broker's metadata lists every topic, because a consumer group that is assigned
+    before its topics are visible stays without partitions. Topics in
+    ``compacted`` are created with ``cleanup.policy=compact`` (table changelogs).
 
     Raises:
         KafkaConnectionError: Kafka did not answer within ``timeout_s``.
@@ -51,7 +55,8 @@ async def ensure_topics(
             existing = set(await admin.list_topics())
             missing = [n for n in names if n not in existing]
             if missing:
-                await _create(admin, missing, partitions, replication_factor)
+                await _create(admin, missing, partitions, replication_factor, compacted)
+                await _wait_visible(admin, missing, deadline)
             return
         except KafkaConnectionError:
             if asyncio.get_running_loop().time() > deadline:
@@ -62,10 +67,37 @@ async def ensure_topics(
             await admin.close()
 
 
-async def _create(
-    admin: AIOKafkaAdminClient, names: list[str], partitions: int, replication: int
+async def _wait_visible(
+    admin: AIOKafkaAdminClient, names: list[str], deadline: float
 ) -> None:
-    new = [NewTopic(n, partitions, replication) for n in names]
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        described = await admin.describe_topics(names)
+        ready = [
+            d for d in described if d.get("error_code") == 0 and d.get("partitions")
+        ]
+        if len(ready) == len(names):
+            return
+        await asyncio.sleep(0.2)
+    logger.warning("topics not visible in metadata in time topics=%s", names)
+
+
+async def _create(
+    admin: AIOKafkaAdminClient,
+    names: list[str],
+    partitions: int,
+    replication: int,
+    compacted: frozenset[str],
+) -> None:
+    new = [
+        NewTopic(
+            n,
+            partitions,
+            replication,
+            topic_configs={"cleanup.policy": "compact"} if n in compacted else {},
+        )
+        for n in names
+    ]
     try:
         await admin.create_topics(new)
     except TopicAlreadyExistsError:

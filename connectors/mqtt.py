@@ -491,3 +491,52 @@ def _dead_letter(inbound: _Inbound, reason: str, device_id: str | None) -> bytes
 
 def _format_counters(counters: BridgeCounters) -> str:
     return " ".join(f"{k}={v}" for k, v in counters.snapshot().items())
+
+
+class CommandPublisher:
+    """Publish decision commands to devices over MQTT with QoS 1.
+
+    ``publish`` is safe to call from the asyncio loop: paho queues the message and
+    its network thread sends it, redelivering after a reconnect. Messages queued
+    while the broker is unreachable are bounded by ``max_queued``; past that they
+    are counted as dropped (the decision itself is on Kafka either way).
+    """
+
+    def __init__(
+        self, *, host: str, port: int, client_id: str, max_queued: int = 10_000
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        self._client.max_queued_messages_set(max_queued)
+        self._client.reconnect_delay_set(min_delay=0.2, max_delay=10)
+        self.published = 0
+        self.dropped = 0
+
+    def start(self) -> None:
+        """Connect in the background; publishing works before the broker answers."""
+        self._client.connect_async(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, topic: str, payload: str | bytes) -> None:
+        """Queue one command; never blocks."""
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.dropped += 1
+            logger.warning("command queue full, command dropped topic=%s", topic)
+        else:
+            self.published += 1
+
+    def snapshot(self) -> dict[str, int]:
+        """Return published and dropped command counts."""
+        return {"published": self.published, "dropped": self.dropped}

@@ -140,6 +140,28 @@ def bridge(ctx: click.Context, **flags: Any) -> None:
     run_bridge(settings)
 
 
+# -- worker -----------------------------------------------------------------------
+
+
+@main.command("worker")
+@click.option("--worker-id", help="this worker's id, for its data folder [env EDGE_WORKER_ID]")
+@click.option("--web-port", type=int, help="Faust web server port [env EDGE_WEB_PORT]")
+@click.option("--rules-file", type=click.Path(path_type=Path, exists=True),
+              help="rules YAML file [env EDGE_RULES_FILE]")
+@click.option("--window-size-s", type=float, help="[env EDGE_WINDOW_SIZE_S]")
+@click.pass_context
+def worker(ctx: click.Context, **flags: Any) -> None:
+    """Run the Faust worker: readings, windows, anomalies, decisions, export."""
+    from streams.processes import run_worker
+
+    settings = _settings(ctx, **flags)
+    logger.info("effective configuration %s", settings.redacted())
+    try:
+        run_worker(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 # -- replay -----------------------------------------------------------------------
 
 

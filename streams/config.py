@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_RULES_DIR = PROJECT_ROOT / "rules"
+
 
 class PipelineError(Exception):
     """Root of every error the pipeline raises on purpose."""
@@ -105,10 +108,24 @@ class Settings(BaseSettings):
     rules_file: Path | None = Field(
         None, description="rules YAML file; unset: the bundled industrial pack"
     )
-    detector: str = Field("default", description="detector used for every metric")
-    anomaly_threshold: float = Field(
-        0.9, gt=0, le=1, description="anomaly score at or above which a reading is"
-        " sent to the anomalies topic"
+    detector: str = Field(
+        "surprise", description="detector of every metric (surprise|gaussian)"
+    )
+    detectors_by_metric: str = Field(
+        "", description="per-metric detectors, metric=name[,metric=name]"
+    )
+    anomaly_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="anomaly score from which a reading goes to anomalies;"
+        " unset: the detector's recommended threshold",
+    )
+    anomaly_thresholds_by_metric: str = Field(
+        "", description="per-metric thresholds, metric=0.7[,metric=0.8]"
+    )
+    publish_readings: bool = Field(
+        True, description="also produce every normalized reading to `readings`"
     )
     web_host: str = Field("127.0.0.1", description="bind address of the web server")
     web_port: int = Field(6066, ge=1, le=65535, description="Faust web server port")
@@ -200,6 +217,24 @@ class Settings(BaseSettings):
                 )
             headers[key.strip()] = value.strip()
         return headers
+
+    def metric_map(self, name: str) -> dict[str, str]:
+        """Parse a ``metric=value,metric=value`` setting such as detectors_by_metric.
+
+        Raises:
+            ConfigError: naming the variable, when an item has no ``=``.
+        """
+        raw = getattr(self, name)
+        result: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in raw.split(","))):
+            metric, sep, value = item.partition("=")
+            if not sep or not metric.strip() or not value.strip():
+                raise ConfigError(
+                    f"EDGE_{name.upper()} must be metric=value pairs separated by"
+                    f" commas, e.g. temperature=0.7, got {item!r}"
+                )
+            result[metric.strip()] = value.strip()
+        return result
 
     def redacted(self) -> dict[str, object]:
         """Return the settings as a dict safe to log (secrets stay redacted)."""

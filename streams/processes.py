@@ -17,6 +17,33 @@ from streams.config import Settings
 logger = logging.getLogger(__name__)
 
 
+def run_worker(settings: Settings) -> None:
+    """Run the Faust worker (all agents, web server, exporter) until stopped."""
+    import faust
+
+    from streams.app import TICKS_TOPIC, create_app
+
+    names = [settings.topic(n) for n in (*PIPELINE_TOPICS, TICKS_TOPIC)]
+    # Faust creates its changelog and assignor topics itself, but a consumer group
+    # assigned before they are visible keeps no partitions: create them first.
+    internal = [
+        f"{settings.topic_prefix}edge-otlp-worker-{name}"
+        for name in ("series-changelog", "devices-changelog", "__assignor-__leader")
+    ]
+    asyncio.run(
+        ensure_topics(
+            settings.kafka_bootstrap,
+            names + internal,
+            partitions=settings.partitions,
+            compacted=frozenset(internal[:2]),
+        )
+    )
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel="INFO", redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
 def run_bridge(settings: Settings) -> None:
     """Run the MQTT -> Kafka bridge until SIGINT or SIGTERM."""
     asyncio.run(_run_bridge(settings))

@@ -1,0 +1,339 @@
+"""The Faust application: topics, tables, the pipeline agent, web views.
+
+One agent, ``process``, reads ``telemetry-raw`` keyed by ``device_id`` and does the
+whole local path in one Kafka hop (raw -> readings, window summaries, anomalies,
+decisions, MQTT commands), so a decision is produced within milliseconds of the
+raw record. Its concurrency is 1: with more, faust-streaming may commit past a
+message still in work.
+
+State lives in two tables backed by changelog topics: ``series`` (windows and
+detector of each device/metric series, plus each device's metric list) and
+``devices`` (rule cooldowns and counters per device). Faust forbids table writes
+outside a stream, so idle windows are closed through the stream too: a timer
+sends a *tick* keyed by the device to the internal ``ticks`` topic, which has the
+same partition count and keys as ``telemetry-raw``, so the tick lands in the
+partition (and table partition) that owns the device.
+
+The exporter runs beside the agent in the same process (see
+:mod:`streams.export`); set ``EDGE_EXPORT_ENABLED=false`` to run it alone with
+``edge-otlp export``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from aiokafka.errors import KafkaError
+from faust.web import Request, Response, View
+
+from connectors.kafka_topics import PIPELINE_TOPICS
+from connectors.mqtt import CommandPublisher
+from models.detectors import DEFAULT_THRESHOLD, DetectorSpec
+from models.records import Decision
+from models.rules import RuleSet, RuleSetError, load_rules
+from models.windows import WindowSpec
+from streams.config import PROJECT_RULES_DIR, ConfigError, Settings
+from streams.pipeline import Outputs, Pipeline, PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+TICKS_TOPIC = "edge-otlp-ticks"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def load_ruleset(settings: Settings) -> RuleSet:
+    """Load the rules file of the settings (default: the bundled demo pack).
+
+    Raises:
+        ConfigError: listing every problem with its line and field.
+    """
+    path = settings.rules_file or PROJECT_RULES_DIR / "demo.yaml"
+    try:
+        return load_rules(path)
+    except RuleSetError as exc:
+        problems = "\n".join(str(p) for p in exc.problems)
+        raise ConfigError(
+            f"EDGE_RULES_FILE={path} is invalid; the worker does not start:\n"
+            f"{problems}"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"EDGE_RULES_FILE={path} cannot be read: {exc}") from exc
+
+
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    """Build the pipeline's configuration from the settings.
+
+    Raises:
+        ConfigError: naming the variable that is invalid.
+    """
+    try:
+        window = WindowSpec(
+            size_ms=round(settings.window_size_s * 1000),
+            idle_timeout_ms=round(settings.idle_timeout_s * 1000),
+            allowed_lateness_ms=round(settings.allowed_lateness_s * 1000),
+        )
+        hopping = None
+        if settings.hopping_window_size_s > 0:
+            hopping = WindowSpec(
+                size_ms=round(settings.hopping_window_size_s * 1000),
+                step_ms=round(settings.hopping_window_step_s * 1000) or None,
+                idle_timeout_ms=round(settings.idle_timeout_s * 1000),
+                allowed_lateness_ms=round(settings.allowed_lateness_s * 1000),
+            )
+    except ValueError as exc:
+        raise ConfigError(
+            f"EDGE_WINDOW_SIZE_S / EDGE_HOPPING_WINDOW_*: {exc}"
+        ) from exc
+    by_metric = {
+        metric: DetectorSpec(name)
+        for metric, name in settings.metric_map("detectors_by_metric").items()
+    }
+    try:
+        thresholds = {
+            metric: float(value)
+            for metric, value in settings.metric_map(
+                "anomaly_thresholds_by_metric"
+            ).items()
+        }
+    except ValueError as exc:
+        raise ConfigError(
+            "EDGE_ANOMALY_THRESHOLDS_BY_METRIC must map metrics to numbers,"
+            " e.g. temperature=0.7"
+        ) from exc
+    return PipelineConfig(
+        window=window,
+        hopping=hopping,
+        detector=DetectorSpec(settings.detector),
+        detector_by_metric=by_metric,
+        threshold=settings.anomaly_threshold or DEFAULT_THRESHOLD,
+        threshold_by_metric=thresholds,
+        max_clock_skew_ms=round(settings.max_clock_skew_s * 1000),
+        ruleset=load_ruleset(settings),
+    )
+
+
+@dataclass
+class WorkerState:
+    """Runtime companions of the app: pipeline, publisher, exporter, deadlines."""
+
+    pipeline: Pipeline
+    commands: CommandPublisher
+    exporter: Any = None
+    # device_id -> wall time (ms) when its open windows may be idle.
+    idle_deadlines: dict[str, int] = field(default_factory=dict)
+    started_at_ms: int = field(default_factory=_now_ms)
+    last_rate_at_ms: int = field(default_factory=_now_ms)
+    last_rate_readings: int = 0
+    readings_per_s: float = 0.0
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the worker's Faust app, its topics, tables, agent, timer and views.
+
+    Raises:
+        ConfigError: when the settings or the rules file are invalid.
+    """
+    config = pipeline_config(settings)
+    app_id = f"{settings.topic_prefix}edge-otlp-worker"
+    data_dir = settings.data_dir / (settings.worker_id or "default")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        datadir=str(data_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        web_enabled=True,
+        web_host=settings.web_host,
+        web_bind=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+        producer_acks=-1,
+        producer_linger_ms=0,
+        processing_guarantee="at_least_once",
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=4096,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    raw_topic = app.topic(
+        settings.topic("telemetry-raw"),
+        settings.topic(TICKS_TOPIC),
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    ticks_topic = app.topic(
+        settings.topic(TICKS_TOPIC), key_serializer="raw", value_serializer="raw"
+    )
+    out_topics = {
+        name: app.topic(
+            settings.topic(name), key_serializer="raw", value_serializer="raw"
+        )
+        for name in PIPELINE_TOPICS
+    }
+    # Values are the pipeline's own compact bytes (app-wide raw serializers).
+    series = app.Table("series", default=None, partitions=settings.partitions)
+    devices = app.Table("devices", default=None, partitions=settings.partitions)
+    state = WorkerState(
+        pipeline=Pipeline(config, clock_ms=_now_ms),
+        commands=CommandPublisher(
+            host=settings.mqtt_host,
+            port=settings.mqtt_port_from_url,
+            client_id=f"{settings.mqtt_client_id}-worker-{settings.worker_id or '0'}",
+        ),
+    )
+    app.edge_state = state  # type: ignore[attr-defined]
+    ticks_name = settings.topic(TICKS_TOPIC)
+
+    async def emit(device_id: str, key: bytes, out: Outputs) -> None:
+        if settings.publish_readings:
+            for reading in out.readings:
+                await out_topics["readings"].send(key=key, value=reading.to_json())
+        for summary in out.summaries:
+            await out_topics["window-summaries"].send(key=key, value=summary.to_json())
+        for anomaly in out.anomalies:
+            await out_topics["anomalies"].send(key=key, value=anomaly.to_json())
+        for decision in out.decisions:
+            await out_topics["decisions"].send(key=key, value=decision.to_json())
+            _send_command(state.commands, decision)
+        for letter in out.dead_letters:
+            await out_topics["dead-letters"].send(key=key, value=letter.to_json())
+        if out.next_idle_deadline_ms is None:
+            state.idle_deadlines.pop(device_id, None)
+        else:
+            state.idle_deadlines[device_id] = out.next_idle_deadline_ms
+
+    @app.agent(raw_topic, concurrency=1)
+    async def process(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            message = event.message
+            key = message.key or b""
+            device_id = key.decode(errors="replace")
+            if message.topic == ticks_name:
+                out = state.pipeline.close_idle(
+                    device_id=device_id, series_store=series, device_store=devices
+                )
+            else:
+                out = state.pipeline.process_raw(
+                    device_id=device_id,
+                    payload=message.value or b"",
+                    received_ms=_received_ms(message.headers),
+                    source=f"kafka:{message.topic}",
+                    partition=message.partition,
+                    offset=message.offset,
+                    series_store=series,
+                    device_store=devices,
+                )
+            await emit(device_id, key, out)
+
+    tick_interval_s = max(0.2, min(settings.idle_timeout_s / 4, 5.0))
+
+    @app.timer(interval=tick_interval_s)
+    async def send_idle_ticks() -> None:
+        now_ms = _now_ms()
+        if not state.idle_deadlines and len(series):
+            # After a start or rebalance: learn the deadlines from the tables.
+            for raw_key in list(series.keys()):
+                if raw_key.endswith(b"\x1f"):
+                    device_id = raw_key[:-1].decode()
+                    deadline = state.pipeline.device_deadline(device_id, series)
+                    if deadline is not None:
+                        state.idle_deadlines[device_id] = deadline
+        due = [d for d, deadline in state.idle_deadlines.items() if deadline <= now_ms]
+        for device_id in due:
+            state.idle_deadlines.pop(device_id, None)
+            await ticks_topic.send(key=device_id.encode(), value=b"")
+        _update_rate(state, now_ms)
+
+    @app.task
+    async def start_companions() -> None:
+        await asyncio.to_thread(state.commands.start)
+        if settings.export_enabled:
+            from streams.export import ExportService
+
+            state.exporter = ExportService(settings)
+            await state.exporter.start()
+
+    @app.page("/health")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            assigned = len(app.consumer.assignment()) if app.consumer else 0
+            kafka_ok = await _kafka_reachable(app)
+            ready = kafka_ok and assigned > 0 and not app.rebalancing
+            body = {
+                "live": True,
+                "ready": ready,
+                "kafka_reachable": kafka_ok,
+                "assigned_partitions": assigned,
+                "rebalancing": bool(app.rebalancing),
+            }
+            return self.json(body, status=200 if ready else 503)
+
+    @app.page("/counters")
+    class Counters(View):
+        async def get(self, request: Request) -> Response:
+            return self.json(counters_view(state))
+
+    return app
+
+
+def counters_view(state: WorkerState) -> dict[str, Any]:
+    """Return the JSON counters view of the worker."""
+    counters: dict[str, Any] = dict(state.pipeline.counters.snapshot())
+    counters["readings_per_s"] = round(state.readings_per_s, 1)
+    counters["commands"] = state.commands.snapshot()
+    counters["open_devices"] = len(state.idle_deadlines)
+    if state.exporter is not None:
+        counters["export"] = state.exporter.snapshot()
+    return counters
+
+
+def _update_rate(state: WorkerState, now_ms: int) -> None:
+    elapsed_ms = now_ms - state.last_rate_at_ms
+    if elapsed_ms < 1000:
+        return
+    readings = state.pipeline.counters.readings
+    state.readings_per_s = (readings - state.last_rate_readings) * 1000 / elapsed_ms
+    state.last_rate_readings = readings
+    state.last_rate_at_ms = now_ms
+
+
+def _received_ms(headers: Any) -> int:
+    for name, value in headers or ():
+        if name == "received_at_ms":
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                break
+    return _now_ms()
+
+
+def _send_command(commands: CommandPublisher, decision: Decision) -> None:
+    command = decision.command
+    if command and command.get("topic"):
+        payload = command.get("payload", "")
+        if not isinstance(payload, str | bytes):
+            import orjson
+
+            payload = orjson.dumps(payload)
+        commands.publish(command["topic"], payload)
+
+
+async def _kafka_reachable(app: faust.App) -> bool:
+    try:
+        client = app.producer._producer.client  # noqa: SLF001 - aiokafka client
+        return bool(await client.ready(client.get_random_node()))
+    except (KafkaError, AttributeError, OSError, TypeError):
+        return False

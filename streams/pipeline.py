@@ -1,0 +1,446 @@
+"""One worker step per raw message: normalize, window, detect, decide.
+
+:class:`Pipeline` is what the Faust agent calls for every ``telemetry-raw`` message
+and every idle tick. It holds no state of its own: series and device state live in
+the mappings it is given (Faust tables in the worker, dicts in unit tests), each
+value a compact byte string, so a restarted or rebalanced worker continues from
+the changelog where the last one stopped.
+
+Exactly-once counting under at-least-once delivery: a message processed again
+after a crash finds its readings already counted in the open window (same time
+and value) and is dropped as a duplicate before it reaches the detector or the
+rules, so neither learns or fires twice. Known limit: a replayed reading whose
+window has meanwhile closed is reported as late instead of duplicate.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+
+import orjson
+
+from models.detectors import (
+    DEFAULT_THRESHOLD,
+    Detector,
+    DetectorSpec,
+    build_detector,
+    restore_detector,
+)
+from models.normalize import normalize_payload
+from models.records import AnomalyScore, DeadLetter, Decision, Reading, WindowSummary
+from models.rules import Evaluation, RuleSet, RuleState, decide
+from models.windows import ClosedWindow, SeriesWindows, WindowSpec, summarize
+
+logger = logging.getLogger(__name__)
+
+StateStore = MutableMapping[bytes, bytes]
+
+# Series state: three length-prefixed blobs (tumbling windows, hopping windows,
+# detector) followed by the unit text.
+_LENGTHS = struct.Struct("<III")
+# Dead letters keep at most this much of the original payload.
+DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
+_SEP = "\x1f"
+
+
+@dataclass
+class Outputs:
+    """Everything one step produced, to be sent by the caller in this order."""
+
+    readings: list[Reading] = field(default_factory=list)
+    summaries: list[WindowSummary] = field(default_factory=list)
+    anomalies: list[AnomalyScore] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    next_idle_deadline_ms: int | None = None
+
+
+@dataclass
+class PipelineCounters:
+    """Running totals of the worker's pipeline (see the ``/counters`` view)."""
+
+    raw_messages: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    late: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    summaries: int = 0
+    anomalies: int = 0
+    decisions: int = 0
+    suppressed: int = 0
+    idle_closes: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """Return the counters as a plain dict."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What the pipeline does; built once from the settings."""
+
+    window: WindowSpec
+    hopping: WindowSpec | None
+    detector: DetectorSpec
+    detector_by_metric: dict[str, DetectorSpec]
+    threshold: float
+    threshold_by_metric: dict[str, float]
+    max_clock_skew_ms: int
+    ruleset: RuleSet
+
+
+class _Series:
+    """Decoded state of one (device, metric) series during one step."""
+
+    __slots__ = ("tumbling", "hopping", "detector", "unit")
+
+    def __init__(
+        self,
+        tumbling: SeriesWindows,
+        hopping: SeriesWindows | None,
+        detector: Detector,
+        unit: str | None,
+    ) -> None:
+        self.tumbling = tumbling
+        self.hopping = hopping
+        self.detector = detector
+        self.unit = unit
+
+    def to_bytes(self) -> bytes:
+        tumbling = self.tumbling.to_bytes()
+        hopping = self.hopping.to_bytes() if self.hopping is not None else b""
+        detector = self.detector.to_bytes()
+        unit = (self.unit or "").encode()
+        header = _LENGTHS.pack(len(tumbling), len(hopping), len(detector))
+        return b"".join((header, tumbling, hopping, detector, unit))
+
+    @property
+    def next_deadline_ms(self) -> int | None:
+        deadlines = [self.tumbling.next_deadline_ms]
+        if self.hopping is not None:
+            deadlines.append(self.hopping.next_deadline_ms)
+        known = [d for d in deadlines if d is not None]
+        return min(known) if known else None
+
+
+class Pipeline:
+    """Turn raw device payloads into readings, windows, scores and decisions.
+
+    Not thread-safe; one instance per worker, called by one agent at a time.
+    """
+
+    def __init__(self, config: PipelineConfig, *, clock_ms: Callable[[], int]) -> None:
+        self.config = config
+        self.counters = PipelineCounters()
+        self._clock_ms = clock_ms
+
+    # -- public steps ------------------------------------------------------------
+
+    def process_raw(
+        self,
+        *,
+        device_id: str,
+        payload: bytes,
+        received_ms: int,
+        source: str,
+        partition: int | None,
+        offset: int | None,
+        series_store: StateStore,
+        device_store: StateStore,
+    ) -> Outputs:
+        """Process one ``telemetry-raw`` message of ``device_id``.
+
+        Bad parts of the payload become dead letters naming the field; the good
+        parts go on. Never raises for bad input.
+        """
+        now_ms = self._clock_ms()
+        out = Outputs()
+        self.counters.raw_messages += 1
+        result = normalize_payload(
+            payload,
+            device_id=device_id,
+            received_ms=received_ms,
+            now_ms=now_ms,
+            max_clock_skew_ms=self.config.max_clock_skew_ms,
+        )
+        for rejection in result.rejections:
+            self.counters.rejected += 1
+            out.dead_letters.append(
+                self._dead_letter(
+                    "normalize", rejection.reason, source, device_id, partition,
+                    offset, received_ms, payload, rejection.field,
+                )
+            )  # fmt: skip
+
+        rule_state: RuleState | None = None
+        series_cache: dict[str, _Series] = {}
+        for reading in result.readings:
+            series = series_cache.get(reading.metric)
+            if series is None:
+                series = self._load_series(series_store, device_id, reading)
+                series_cache[reading.metric] = series
+            if rule_state is None:
+                rule_state = RuleState.from_bytes(device_store.get(device_id.encode()))
+            late = self._process_reading(reading, series, rule_state, now_ms, out)
+            if late:
+                out.dead_letters.append(
+                    self._late_letter(
+                        reading, source, partition, offset, received_ms, payload
+                    )
+                )
+
+        for metric, series in series_cache.items():
+            series_store[_series_key(device_id, metric)] = series.to_bytes()
+        self._remember_metrics(series_store, device_id, series_cache)
+        if rule_state is not None:
+            device_store[device_id.encode()] = rule_state.to_bytes()
+        out.next_idle_deadline_ms = self._device_deadline(series_cache.values())
+        return out
+
+    def close_idle(
+        self, *, device_id: str, series_store: StateStore, device_store: StateStore
+    ) -> Outputs:
+        """Close the windows of ``device_id``'s series that have been idle too long.
+
+        Returns the closed windows' summaries (and decisions on them) and the next
+        wall time at which the device's remaining windows may go idle.
+        """
+        now_ms = self._clock_ms()
+        out = Outputs()
+        raw_metrics = series_store.get(_metrics_key(device_id))
+        metrics: list[str] = orjson.loads(raw_metrics) if raw_metrics else []
+        rule_state = RuleState.from_bytes(device_store.get(device_id.encode()))
+        deadlines = []
+        for metric in metrics:
+            key = _series_key(device_id, metric)
+            raw = series_store.get(key)
+            if raw is None:
+                continue
+            series = self._decode_series(raw, metric)
+            closed = list(series.tumbling.close_idle(now_ms))
+            if series.hopping is not None:
+                closed.extend(series.hopping.close_idle(now_ms))
+            if closed:
+                self.counters.idle_closes += len(closed)
+                self._emit_windows(device_id, metric, series, closed, rule_state, out)
+                series_store[key] = series.to_bytes()
+            deadlines.append(series.next_deadline_ms)
+        if out.decisions or out.summaries:
+            device_store[device_id.encode()] = rule_state.to_bytes()
+        known = [d for d in deadlines if d is not None]
+        out.next_idle_deadline_ms = min(known) if known else None
+        return out
+
+    def device_deadline(self, device_id: str, series_store: StateStore) -> int | None:
+        """Return the earliest idle deadline of the device's series (from state)."""
+        raw_metrics = series_store.get(_metrics_key(device_id))
+        if not raw_metrics:
+            return None
+        series = []
+        for metric in orjson.loads(raw_metrics):
+            raw = series_store.get(_series_key(device_id, metric))
+            if raw is not None:
+                series.append(self._decode_series(raw, metric))
+        return self._device_deadline(series)
+
+    # -- steps of one reading ------------------------------------------------------
+
+    def _process_reading(
+        self,
+        reading: Reading,
+        series: _Series,
+        rule_state: RuleState,
+        now_ms: int,
+        out: Outputs,
+    ) -> bool:
+        """Window, score and decide one reading; return True when it was late."""
+        added = series.tumbling.add(reading.time_ms, reading.value, now_ms)
+        closed = list(added.closed)
+        if series.hopping is not None:
+            hopped = series.hopping.add(reading.time_ms, reading.value, now_ms)
+            closed.extend(hopped.closed)
+        if added.duplicate:
+            self.counters.duplicates += 1
+            return False
+        if added.late and not added.accepted:
+            self.counters.late += 1
+            self._emit_windows(
+                reading.device_id, reading.metric, series, closed, rule_state, out
+            )
+            return True
+
+        self.counters.readings += 1
+        out.readings.append(reading)
+        if reading.unit and not series.unit:
+            series.unit = reading.unit
+        score = series.detector.score_then_learn(reading.value, reading.time_ms)
+        threshold = self.config.threshold_by_metric.get(
+            reading.metric, self.config.threshold
+        )
+        if score >= threshold:
+            self.counters.anomalies += 1
+            spec = self.config.detector_by_metric.get(
+                reading.metric, self.config.detector
+            )
+            out.anomalies.append(
+                AnomalyScore(
+                    device_id=reading.device_id,
+                    metric=reading.metric,
+                    time_ms=reading.time_ms,
+                    value=reading.value,
+                    anomaly_score=score,
+                    threshold=threshold,
+                    detector=spec.name,
+                    unit=reading.unit,
+                )
+            )
+        self._decide(Evaluation.of_reading(reading, score), rule_state, now_ms, out)
+        self._emit_windows(
+            reading.device_id, reading.metric, series, closed, rule_state, out
+        )
+        return False
+
+    def _emit_windows(
+        self,
+        device_id: str,
+        metric: str,
+        series: _Series,
+        closed: list[ClosedWindow],
+        rule_state: RuleState,
+        out: Outputs,
+    ) -> None:
+        now_ms = self._clock_ms()
+        for window in closed:
+            summary = summarize(window, device_id, metric, series.unit)
+            self.counters.summaries += 1
+            out.summaries.append(summary)
+            self._decide(Evaluation.of_window(summary), rule_state, now_ms, out)
+
+    def _decide(
+        self, evaluation: Evaluation, rule_state: RuleState, now_ms: int, out: Outputs
+    ) -> None:
+        result = decide(self.config.ruleset, rule_state, evaluation, now_ms)
+        self.counters.suppressed += len(result.suppressed)
+        if result.decision is not None:
+            self.counters.decisions += 1
+            out.decisions.append(result.decision)
+
+    # -- state -----------------------------------------------------------------------
+
+    def _spec_for(self, metric: str) -> DetectorSpec:
+        return self.config.detector_by_metric.get(metric, self.config.detector)
+
+    def _load_series(
+        self, store: StateStore, device_id: str, reading: Reading
+    ) -> _Series:
+        raw = store.get(_series_key(device_id, reading.metric))
+        if raw is not None:
+            return self._decode_series(raw, reading.metric)
+        hopping = self.config.hopping
+        return _Series(
+            SeriesWindows(self.config.window),
+            SeriesWindows(hopping) if hopping is not None else None,
+            build_detector(self._spec_for(reading.metric)),
+            reading.unit,
+        )
+
+    def _decode_series(self, raw: bytes, metric: str) -> _Series:
+        t_len, h_len, d_len = _LENGTHS.unpack_from(raw)
+        at = _LENGTHS.size
+        tumbling = SeriesWindows.from_bytes(raw[at : at + t_len], self.config.window)
+        at += t_len
+        hopping = None
+        if self.config.hopping is not None and h_len:
+            hopping = SeriesWindows.from_bytes(raw[at : at + h_len], self.config.hopping)
+        elif self.config.hopping is not None:
+            hopping = SeriesWindows(self.config.hopping)
+        at += h_len
+        detector = restore_detector(self._spec_for(metric), raw[at : at + d_len])
+        unit = raw[at + d_len :].decode() or None
+        return _Series(tumbling, hopping, detector, unit)
+
+    def _remember_metrics(
+        self, store: StateStore, device_id: str, series: dict[str, _Series]
+    ) -> None:
+        if not series:
+            return
+        key = _metrics_key(device_id)
+        raw = store.get(key)
+        known: list[str] = orjson.loads(raw) if raw else []
+        new = [m for m in series if m not in known]
+        if new:
+            store[key] = orjson.dumps(known + new)
+
+    @staticmethod
+    def _device_deadline(series: object) -> int | None:
+        deadlines = [s.next_deadline_ms for s in series]  # type: ignore[attr-defined]
+        known = [d for d in deadlines if d is not None]
+        return min(known) if known else None
+
+    # -- dead letters ---------------------------------------------------------------
+
+    def _dead_letter(
+        self,
+        stage: str,
+        reason: str,
+        source: str,
+        device_id: str,
+        partition: int | None,
+        offset: int | None,
+        received_ms: int,
+        payload: bytes,
+        field_name: str | None,
+    ) -> DeadLetter:
+        self.counters.dead_lettered += 1
+        kept = payload[:DEAD_LETTER_MAX_PAYLOAD_BYTES]
+        return DeadLetter(
+            stage=stage,
+            reason=reason,
+            source=source,
+            device_id=device_id,
+            partition=partition,
+            offset=offset,
+            received_at_ms=received_ms,
+            payload_b64=base64.b64encode(kept).decode(),
+            truncated=len(kept) < len(payload),
+            field=field_name,
+        )
+
+    def _late_letter(
+        self,
+        reading: Reading,
+        source: str,
+        partition: int | None,
+        offset: int | None,
+        received_ms: int,
+        payload: bytes,
+    ) -> DeadLetter:
+        lateness_s = self.config.window.allowed_lateness_ms / 1000
+        reason = (
+            f'reading "{reading.metric}" at time_ms={reading.time_ms} is late: its '
+            f"window already closed (allowed lateness {lateness_s:g} s, "
+            "EDGE_ALLOWED_LATENESS_S)"
+        )
+        return self._dead_letter(
+            "window", reason, source, reading.device_id, partition, offset,
+            received_ms, payload, reading.metric,
+        )  # fmt: skip
+
+
+def _series_key(device_id: str, metric: str) -> bytes:
+    return f"{device_id}{_SEP}{metric}".encode()
+
+
+def _metrics_key(device_id: str) -> bytes:
+    # Lists the metrics a device has sent, so idle ticks find its series.
+    return f"{device_id}{_SEP}".encode()
+
+
+def default_threshold() -> float:
+    """Return the default detector's recommended anomaly threshold."""
+    return DEFAULT_THRESHOLD
