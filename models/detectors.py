@@ -17,18 +17,27 @@ import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from river import proba
 
 # A score at or above this is an anomaly for the default detector; chosen on NAB
 # (see docs/BENCHMARKS.md) and used as the default of alerting rules.
-DEFAULT_THRESHOLD = 0.8
+DEFAULT_THRESHOLD = 0.538
 
 # Tail probabilities are floored at 1e-10 and mapped to [0, 1] by their logarithm:
 # a probability of 1e-10 (or smaller) scores 1, a probability of 1 scores 0.
 _LOG_FLOOR = math.log(1e-10)
 _SQRT2 = math.sqrt(2.0)
+
+# Saturating increment of a one-byte context counter, as a lookup table.
+_INCREMENT = bytes(min(255, count + 1) for count in range(256))
+# Multiplicative hashing constant (Knuth's 2**32 / golden ratio), spreads contexts.
+_HASH_MULTIPLIER = 2654435761
+# Base of the polynomial that folds a sequence of bins into one integer.
+_HASH_BASE = 131
+# History byte meaning "no bin yet" (bins are capped at 64, see SurpriseDetector).
+_NO_BIN = 255
 
 
 class Detector(Protocol):
@@ -79,30 +88,51 @@ def _tail_score(z: float) -> float:
     return math.log(tail) / _LOG_FLOOR
 
 
+class _Assessment(NamedTuple):
+    """What :class:`SurpriseDetector` worked out about a reading, to learn it."""
+
+    raw: float
+    short: float
+    low: float
+    high: float
+    value_bin: int
+    keys: tuple[int, ...]
+
+
 class SurpriseDetector:
-    """Anomaly likelihood of value and first-difference surprise (the default).
+    """Anomaly likelihood of value and change surprise, gated by context novelty.
 
     Each reading gets a raw surprise: the larger of two z-scores, one of the value
     against an exponentially weighted mean and variance of past values, one of the
     change since the previous reading against the same statistics of past changes.
     The z-score becomes a log-scaled tail probability in [0, 1]. As in Numenta's
-    anomaly likelihood, the anomaly score is not that raw surprise but how unusual
-    its short-term average is against its long-term distribution, again as a
-    log-scaled tail probability. A single noisy reading therefore scores little;
-    a run of surprising readings, or one extreme reading, scores high.
+    anomaly likelihood, what counts is not that raw surprise but how unusual its
+    short-term average is against its long-term distribution, again as a
+    log-scaled tail probability.
+
+    That likelihood is then weighed by how new the reading's context is. The value
+    range seen so far is cut into ``context_bins`` bins; the bin of the reading
+    together with the bins of the one and of the two readings before it form two
+    contexts, hashed into a table of ``context_slots`` one-byte counters. A context
+    never seen before keeps the likelihood whole; a familiar one (a daily jump that
+    happened yesterday too) cuts it down to ``novelty_floor`` of itself. When a
+    reading falls outside the range, the range grows by ``range_margin`` of its
+    width beyond it, so that the bins do not move on every small new extreme.
 
     Once a score reaches ``suppress_above``, the next ``suppress_readings`` scores
     are 0: one incident gives one detection, not a burst. A reading scoring that
     high is not learnt into the value statistics (river's habit of not learning
     from points just flagged); readings during suppression are, so that a lasting
-    level shift becomes the new normal.
+    level shift becomes the new normal. Contexts are always learnt.
 
-    The state is ten numbers (73 bytes serialised), and a reading costs a few
-    microseconds in CPython.
+    The state is 1,627 bytes serialised with the default 1,536 slots, and a
+    reading costs about 5 microseconds in CPython.
 
-    Known limits: it models neither seasonality nor trend, so an anomaly that is
-    only abnormal for its time of day goes unseen; slow drifts are learnt, not
-    flagged; the statistics assume one reading per step and ignore ``time_ms``, so
+    Known limits: seasonality is seen only through repeated contexts, not through
+    time of day, so a value normal for another hour goes unseen if its context is
+    familiar; slow drifts are learnt, not flagged; counters never fade, so in a
+    series that visits every context the gate stops helping and the score falls
+    back to ``novelty_floor`` of the likelihood; ``time_ms`` is ignored, so
     irregular sampling shows up as surprise in the changes.
 
     Args:
@@ -113,14 +143,23 @@ class SurpriseDetector:
             (0.8: high enough that a lone spike is flagged on its own reading).
         long_fading: Weight of the newest raw surprise in its long-term mean and
             variance (0.001: a memory of about 1,000 readings).
-        suppress_above: Score at which a detection silences the next ones; the
-            same as :data:`DEFAULT_THRESHOLD`.
+        suppress_above: Score at which a detection silences the next ones. Higher
+            than :data:`DEFAULT_THRESHOLD` on purpose: only a confident detection
+            silences, so a weak one does not hide the real incident just after.
         suppress_readings: How many readings stay silent after such a detection.
+        context_bins: Bins the value range is cut into, at most 64.
+        context_slots: One-byte counters of the context table; the state grows
+            by one byte per slot.
+        novelty_floor: Share of the likelihood kept when every context of the
+            reading has been seen before, in [0, 1].
+        range_margin: Extra width, as a share of the range, added beyond a
+            reading that falls outside the range.
     """
 
-    # Version byte, two counters, eight floats; little-endian to move across hosts.
-    _STATE = struct.Struct("<BII8d")
-    _VERSION = 1
+    # Version, two counters, ten floats, the last two bins; little-endian to move
+    # across hosts. The context table follows as raw bytes.
+    _STATE = struct.Struct("<BII10dBB")
+    _VERSION = 2
 
     def __init__(
         self,
@@ -129,14 +168,25 @@ class SurpriseDetector:
         short_fading: float = 0.8,
         long_fading: float = 0.001,
         suppress_above: float = 0.8,
-        suppress_readings: int = 300,
+        suppress_readings: int = 100,
+        context_bins: int = 16,
+        context_slots: int = 1536,
+        novelty_floor: float = 0.3,
+        range_margin: float = 0.1,
     ) -> None:
+        if not 1 <= int(context_bins) <= 64:
+            message = f"context_bins must be in 1..64 (got {context_bins})"
+            raise ValueError(message)
         self.grace_period = int(grace_period)
         self.value_fading = value_fading
         self.short_fading = short_fading
         self.long_fading = long_fading
         self.suppress_above = suppress_above
         self.suppress_readings = int(suppress_readings)
+        self.context_bins = int(context_bins)
+        self.context_slots = int(context_slots)
+        self.novelty_floor = novelty_floor
+        self.range_margin = range_margin
 
         self._n_seen = 0
         self._quiet = 0
@@ -148,6 +198,11 @@ class SurpriseDetector:
         self._short = 0.0
         self._long_mean = 0.0
         self._long_var = 0.0
+        self._low = 0.0
+        self._high = 0.0
+        self._last_bin = _NO_BIN
+        self._second_last_bin = _NO_BIN
+        self._contexts = bytearray(self.context_slots)
 
     def _surprise(self, value: float) -> float:
         """Return the raw surprise of a value, in [0, 1]."""
@@ -160,19 +215,57 @@ class SurpriseDetector:
         z_change = abs(change - self._change_mean) / math.sqrt(self._change_var + tiny)
         return _tail_score(max(z_value, z_change))
 
-    def _assess(self, value: float) -> tuple[float, float, float]:
-        """Return ``(score, raw surprise, new short average)`` without learning."""
+    def _range(self, value: float) -> tuple[float, float]:
+        """Return the value range once ``value`` is in it."""
+        if self._n_seen == 0:
+            return value, value
+        low, high = self._low, self._high
+        margin = self.range_margin * (high - low)
+        if value < low:
+            low = value - margin
+        if value > high:
+            high = value + margin
+        return low, high
+
+    def _context_keys(self, value_bin: int) -> tuple[int, ...]:
+        """Return the table slots of the reading's contexts; fewer at the start."""
+        if self._last_bin == _NO_BIN:
+            return ()
+        pair = (_HASH_BASE + self._last_bin) * _HASH_BASE + value_bin
+        keys = ((pair * _HASH_MULTIPLIER) % self.context_slots,)
+        if self._second_last_bin == _NO_BIN:
+            return keys
+        triple = 2 * _HASH_BASE + self._second_last_bin
+        triple = (triple * _HASH_BASE + self._last_bin) * _HASH_BASE + value_bin
+        return (*keys, (triple * _HASH_MULTIPLIER) % self.context_slots)
+
+    def _assess(self, value: float) -> tuple[float, _Assessment]:
+        """Return the score and what learning the reading needs, without learning."""
         raw = self._surprise(value)
         short = self._short + self.short_fading * (raw - self._short)
         # 1e-6 keeps a never-surprised series from scoring 1 on its first blip.
         spread = math.sqrt(self._long_var) + 1e-6
         tail = 0.5 * math.erfc((short - self._long_mean) / spread / _SQRT2)
-        score = 1.0 if tail <= 1e-10 else max(0.0, math.log(tail) / _LOG_FLOOR)
+        likelihood = 1.0 if tail <= 1e-10 else max(0.0, math.log(tail) / _LOG_FLOOR)
+
+        low, high = self._range(value)
+        value_bin = 0
+        if high > low:
+            value_bin = int((value - low) / (high - low) * self.context_bins)
+            value_bin = min(self.context_bins - 1, max(0, value_bin))
+        keys = self._context_keys(value_bin)
+        contexts = self._contexts
+        # Two contexts once warm: three possible weights, 0, 1/2 or 1, of novelty.
+        unseen = sum(1 for key in keys if contexts[key] == 0)
+        novelty = unseen / 2.0
+        floor = self.novelty_floor
+        score = likelihood * (floor + (1.0 - floor) * novelty)
+
         if self._n_seen < self.grace_period or self._quiet > 0:
             score = 0.0
-        return score, raw, short
+        return score, _Assessment(raw, short, low, high, value_bin, keys)
 
-    def _update(self, value: float, raw: float, short: float, score: float) -> None:
+    def _update(self, value: float, score: float, assessed: _Assessment) -> None:
         flagged = score >= self.suppress_above
         if self._quiet > 0:
             self._quiet -= 1
@@ -180,10 +273,10 @@ class SurpriseDetector:
             self._quiet = self.suppress_readings
 
         fading = self.long_fading
-        delta = raw - self._long_mean
+        delta = assessed.raw - self._long_mean
         self._long_mean += fading * delta
         self._long_var = (1.0 - fading) * (self._long_var + fading * delta * delta)
-        self._short = short
+        self._short = assessed.short
 
         if self._n_seen == 0:
             self._mean = value
@@ -197,6 +290,13 @@ class SurpriseDetector:
             self._change_var = (1.0 - fading) * (
                 self._change_var + fading * change_delta * change_delta
             )
+
+        contexts = self._contexts
+        for key in assessed.keys:
+            contexts[key] = _INCREMENT[contexts[key]]
+        self._low, self._high = assessed.low, assessed.high
+        self._second_last_bin = self._last_bin
+        self._last_bin = assessed.value_bin
         self._previous = value
         self._n_seen += 1
 
@@ -219,8 +319,8 @@ class SurpriseDetector:
             value: The reading's value; must be finite.
             time_ms: Event time in epoch milliseconds; not used.
         """
-        score, raw, short = self._assess(value)
-        self._update(value, raw, short, score)
+        score, assessed = self._assess(value)
+        self._update(value, score, assessed)
 
     def score_then_learn(self, value: float, time_ms: int) -> float:
         """Score a reading, then learn it, at the cost of one assessment.
@@ -232,13 +332,16 @@ class SurpriseDetector:
         Returns:
             The score the reading had before it was learnt.
         """
-        score, raw, short = self._assess(value)
-        self._update(value, raw, short, score)
+        score, assessed = self._assess(value)
+        self._update(value, score, assessed)
         return score
 
     def to_bytes(self) -> bytes:
-        """Serialise the learnt state in 73 bytes; parameters are not included."""
-        return self._STATE.pack(
+        """Serialise the learnt state; 1,627 bytes with the default 1,536 slots.
+
+        Parameters are not included: restore with the same ones.
+        """
+        head = self._STATE.pack(
             self._VERSION,
             self._n_seen,
             self._quiet,
@@ -250,23 +353,30 @@ class SurpriseDetector:
             self._short,
             self._long_mean,
             self._long_var,
+            self._low,
+            self._high,
+            self._last_bin,
+            self._second_last_bin,
         )
+        return head + bytes(self._contexts)
 
     @classmethod
     def from_bytes(cls, data: bytes, **params: float) -> SurpriseDetector:
         """Rebuild a detector from :meth:`to_bytes` output and its parameters.
 
         Raises:
-            ValueError: When ``data`` is not a state of this detector's version.
+            ValueError: When ``data`` is not a state of this detector's version
+                and table size.
         """
-        if len(data) != cls._STATE.size or data[0] != cls._VERSION:
+        detector = cls(**params)  # type: ignore[arg-type]
+        size = cls._STATE.size + detector.context_slots
+        if len(data) != size or data[0] != cls._VERSION:
             message = (
-                f"surprise detector state must be {cls._STATE.size} bytes of "
+                f"surprise detector state must be {size} bytes of "
                 f"version {cls._VERSION} (got {len(data)} bytes)"
             )
             raise ValueError(message)
-        fields = cls._STATE.unpack(data)
-        detector = cls(**params)  # type: ignore[arg-type]
+        fields = cls._STATE.unpack_from(data)
         detector._n_seen, detector._quiet = fields[1], fields[2]
         (
             detector._mean,
@@ -277,7 +387,12 @@ class SurpriseDetector:
             detector._short,
             detector._long_mean,
             detector._long_var,
+            detector._low,
+            detector._high,
+            detector._last_bin,
+            detector._second_last_bin,
         ) = fields[3:]
+        detector._contexts = bytearray(data[cls._STATE.size :])
         return detector
 
 

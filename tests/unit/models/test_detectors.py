@@ -115,8 +115,36 @@ def test_default_detector_silences_repeats_after_a_detection() -> None:
     assert scores[401:411] == [0.0] * 10
 
 
-def test_default_detector_state_is_73_bytes() -> None:
-    assert len(build_detector(DetectorSpec()).to_bytes()) == 73
+def test_default_detector_flags_fewer_repeats_of_a_familiar_jump() -> None:
+    """A square wave's jumps recur in the same contexts, so the gate damps them."""
+    values = [10.0 * ((i // 40) % 2) + 0.1 * ((i * 7919) % 13) for i in range(1200)]
+    counts = []
+    for floor in (1.0, 0.3):
+        spec = DetectorSpec(params={"novelty_floor": floor})
+        detector = build_detector(spec)
+        scores = [detector.score_then_learn(v, i) for i, v in enumerate(values)]
+        counts.append(sum(score >= DEFAULT_THRESHOLD for score in scores))
+
+    ungated, gated = counts
+
+    assert gated < ungated
+
+
+def test_default_detector_state_is_1627_bytes() -> None:
+    assert len(build_detector(DetectorSpec()).to_bytes()) == 1627
+
+
+def test_default_detector_rejects_state_of_another_table_size() -> None:
+    spec = DetectorSpec(params={"context_slots": 512})
+    state = build_detector(spec).to_bytes()
+
+    with pytest.raises(ValueError, match="got 603 bytes"):
+        restore_detector(DetectorSpec(), state)
+
+
+def test_default_detector_rejects_more_than_64_bins() -> None:
+    with pytest.raises(ValueError, match="got 65"):
+        build_detector(DetectorSpec(params={"context_bins": 65}))
 
 
 def test_build_detector_rejects_unknown_name() -> None:
