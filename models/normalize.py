@@ -72,6 +72,9 @@ __all__ = [
 ]
 
 MIN_TIME_MS = 946_684_800_000
+# Values at or beyond 2^64 in magnitude are refused: JSON integers that large lose
+# digits in parsing, and OTLP and most consumers cannot hold them exactly.
+MAX_ABS_VALUE = 2.0**64
 """2000-01-01T00:00:00Z: earlier times come from devices whose clock is unset."""
 
 MAX_METRIC_NAME_LENGTH = 128
@@ -290,13 +293,18 @@ def _check_name(path: str, name: Any) -> str:
 def _check_value(path: str, value: Any) -> float:
     kind = type(value)
     # type() and not isinstance(): a bool is an int subclass but not a number here.
-    if kind is float:
-        if math.isfinite(value):
-            return value  # type: ignore[no-any-return]
-    elif kind is int:
+    if kind is float or kind is int:
         as_float = float(value)
-        if math.isfinite(as_float):
+        if -MAX_ABS_VALUE < as_float < MAX_ABS_VALUE:
             return as_float
+        if math.isfinite(as_float):
+            # orjson reads integers past 2^64 as rounded floats: the device's
+            # number is already lost, so say so instead of passing a wrong value.
+            reason = (
+                f'field "{path}" must be a number of magnitude below 2^64,'
+                f" got {kind.__name__} {value:g}"
+            )
+            raise _Invalid(Rejection(path, reason, RejectionKind.INVALID_VALUE))
     expected = "a finite number"
     raise _Invalid(_reject(path, expected, value, RejectionKind.INVALID_VALUE))
 

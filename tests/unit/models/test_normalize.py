@@ -290,11 +290,16 @@ def test_non_number_value_is_rejected_by_path_and_other_metrics_survive(
     ]
 
 
-def test_integer_beyond_2_64_is_kept_as_the_nearest_double() -> None:
-    """orjson reads such literals as floats; the value is rounded, not refused."""
-    result = normalize(b'{"time": 1714564800, "bytes": 18446744073709551617}')
+def test_integer_beyond_2_64_is_rejected_while_other_metrics_survive() -> None:
+    """orjson reads such literals as rounded floats; the lost digits are refused."""
+    result = normalize(
+        b'{"time": 1714564800, "bytes": 18446744073709551617, "rpm": 1200}'
+    )
 
-    assert result.readings == [reading("bytes", 18446744073709551616.0)]
+    assert result.readings == [reading("rpm", 1200.0)]
+    assert [r.reason for r in result.rejections] == [
+        'field "bytes" must be a number of magnitude below 2^64, got float 1.84467e+19'
+    ]
 
 
 def test_integer_time_beyond_2_64_is_rejected() -> None:
