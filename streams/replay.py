@@ -3,7 +3,8 @@
 Each file becomes one device (id from the file name unless given) publishing one
 JSON reading per row, ``{"time": <epoch ms>, "<metric>": <value>}``, with QoS 1.
 Several files are replayed side by side: each file's rows are placed on a common
-clock by their offset from that file's first row, so all devices start together.
+clock by their offset from the first row of their device, so all devices start
+together and the files of one device keep their relative times.
 With ``speed`` > 0 the gaps between rows are the event-time gaps divided by
 ``speed``; with 0 rows go out as fast as the broker takes them.
 """
@@ -37,6 +38,8 @@ _METRIC_BY_NAME = (
     (re.compile(r"latency", re.I), "latency"),
 )
 MAX_UNACKED = 1000
+# ``<traffic metric>_<sensor id>``: the id names the device.
+_TRAFFIC_NAME = re.compile(r"(?:occupancy|speed|traveltime)_([a-z0-9]+)", re.I)
 
 
 def metric_for(path: Path) -> str:
@@ -48,23 +51,52 @@ def metric_for(path: Path) -> str:
 
 
 def device_for(path: Path) -> str:
-    """Derive a device id from a file name: lowercase, ``[a-z0-9_-]`` only."""
-    return re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-") or "device"
+    """Derive a device id from a file name: lowercase, ``[a-z0-9_-]`` only.
+
+    A traffic file named ``<metric>_<sensor id>`` (NAB's ``occupancy_t4013``,
+    ``speed_t4013``, ``TravelTime_387``) names its sensor, so the metrics of one
+    sensor arrive as one device; rules that combine them need that. Other names
+    are kept whole.
+
+    >>> device_for(Path("speed_t4013.csv")), device_for(Path("TravelTime_387.csv"))
+    ('t4013', '387')
+    >>> device_for(Path("machine_temperature_system_failure.csv"))
+    'machine_temperature_system_failure'
+    """
+    sensor = _TRAFFIC_NAME.fullmatch(path.stem)
+    stem = sensor.group(1) if sensor else path.stem
+    return re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-") or "device"
 
 
 def _schedule(
     series: list[tuple[str, str, list[SeriesRow]]],
 ) -> Iterator[tuple[float, str, str, SeriesRow]]:
-    """Merge the files' rows by their offset from each file's first row."""
-    streams = []
-    for device_id, metric, rows in series:
+    """Merge the files' rows by their offset from their device's first row.
+
+    The files of one device keep their event times relative to each other, so
+    a rule comparing two of its metrics sees readings of the same moment.
+    """
+    firsts: dict[str, int] = {}
+    for device_id, _, rows in series:
         if rows:
-            first = rows[0].time_ms
-            streams.append(
-                ((r.time_ms - first, i, device_id, metric, r) for i, r in enumerate(rows))
-            )
+            first = min(firsts.get(device_id, rows[0].time_ms), rows[0].time_ms)
+            firsts[device_id] = first
+    streams = [
+        _offsets(rows, firsts[device_id], device_id, metric)
+        for device_id, metric, rows in series
+        if rows
+    ]
     for offset_ms, _, device_id, metric, row in heapq.merge(*streams):
         yield offset_ms / 1000.0, device_id, metric, row
+
+
+def _offsets(
+    rows: list[SeriesRow], first_ms: int, device_id: str, metric: str
+) -> Iterator[tuple[int, int, str, str, SeriesRow]]:
+    # A function, not a generator expression in the caller's loop: that would
+    # see the loop's last device and metric once merged.
+    for index, row in enumerate(rows):
+        yield row.time_ms - first_ms, index, device_id, metric, row
 
 
 def replay_files(
