@@ -120,13 +120,15 @@ class SurpriseDetector:
     width beyond it, so that the bins do not move on every small new extreme.
 
     Once a score reaches ``suppress_above``, the next ``suppress_readings`` scores
-    are 0: one incident gives one detection, not a burst. A reading scoring that
-    high is not learnt into the value statistics (river's habit of not learning
-    from points just flagged); readings during suppression are, so that a lasting
-    level shift becomes the new normal. Contexts are always learnt.
+    are 0: one incident gives one detection, not a burst. A weaker score at or
+    above ``echo_above`` silences only the next ``echo_readings``. A reading
+    scoring ``suppress_above`` or more is not learnt into the value statistics
+    (river's habit of not learning from points just flagged); readings during
+    suppression are, so that a lasting level shift becomes the new normal.
+    Contexts are always learnt.
 
     The state is 1,627 bytes serialised with the default 1,536 slots, and a
-    reading costs about 5 microseconds in CPython.
+    reading costs about 4 to 6 microseconds in CPython.
 
     Known limits: seasonality is seen only through repeated contexts, not through
     time of day, so a value normal for another hour goes unseen if its context is
@@ -147,6 +149,10 @@ class SurpriseDetector:
             than :data:`DEFAULT_THRESHOLD` on purpose: only a confident detection
             silences, so a weak one does not hide the real incident just after.
         suppress_readings: How many readings stay silent after such a detection.
+        echo_above: Score at which a weaker detection silences the next
+            ``echo_readings`` scores, so that its echoes on the next few
+            readings are not counted as more detections.
+        echo_readings: How many readings stay silent after a weaker detection.
         context_bins: Bins the value range is cut into, at most 64.
         context_slots: One-byte counters of the context table; the state grows
             by one byte per slot.
@@ -169,6 +175,8 @@ class SurpriseDetector:
         long_fading: float = 0.001,
         suppress_above: float = 0.8,
         suppress_readings: int = 100,
+        echo_above: float = 0.5,
+        echo_readings: int = 20,
         context_bins: int = 16,
         context_slots: int = 1536,
         novelty_floor: float = 0.3,
@@ -183,6 +191,8 @@ class SurpriseDetector:
         self.long_fading = long_fading
         self.suppress_above = suppress_above
         self.suppress_readings = int(suppress_readings)
+        self.echo_above = echo_above
+        self.echo_readings = int(echo_readings)
         self.context_bins = int(context_bins)
         self.context_slots = int(context_slots)
         self.novelty_floor = novelty_floor
@@ -271,6 +281,8 @@ class SurpriseDetector:
             self._quiet -= 1
         if flagged:
             self._quiet = self.suppress_readings
+        elif score >= self.echo_above:
+            self._quiet = self.echo_readings
 
         fading = self.long_fading
         delta = assessed.raw - self._long_mean

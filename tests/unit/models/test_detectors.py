@@ -115,6 +115,18 @@ def test_default_detector_silences_repeats_after_a_detection() -> None:
     assert scores[401:411] == [0.0] * 10
 
 
+def test_default_detector_silences_echoes_of_a_weaker_detection() -> None:
+    params = {"suppress_above": 1.01, "echo_readings": 5}
+    detector = build_detector(DetectorSpec(params=params))
+    values = _readings(500)
+    values[400] = 30.0
+
+    scores = [detector.score_then_learn(v, i) for i, v in enumerate(values)]
+
+    assert scores[400] >= 0.5
+    assert scores[401:406] == [0.0] * 5
+
+
 def test_default_detector_flags_fewer_repeats_of_a_familiar_jump() -> None:
     """A square wave's jumps recur in the same contexts, so the gate damps them."""
     values = [10.0 * ((i // 40) % 2) + 0.1 * ((i * 7919) % 13) for i in range(1200)]
