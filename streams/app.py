@@ -165,6 +165,8 @@ def create_app(settings: Settings) -> faust.App:
         stream_buffer_maxsize=4096,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_s / 5),
         key_serializer="raw",
         value_serializer="raw",
     )

@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     publish_readings: bool = Field(
         True, description="also produce every normalized reading to `readings`"
     )
+    kafka_session_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a worker silent this long loses its partitions to the others",
+    )
     web_host: str = Field("127.0.0.1", description="bind address of the web server")
     web_port: int = Field(6066, ge=1, le=65535, description="Faust web server port")
     data_dir: Path = Field(
