@@ -1,0 +1,483 @@
+"""The real worker from raw readings to an OTLP receiver: values, outages, kill -9.
+
+Each test starts ``python -m streams worker`` with its own topic prefix, produces
+raw JSON readings to that run's ``telemetry-raw``, and compares what an OTLP
+receiver decoded with window summaries computed here from the same readings. The
+receiver is the local stack's collector (one test per codec) or a fake OTLP/HTTP
+server on 127.0.0.1 that the test switches between refusing connections, 503 with
+``Retry-After``, slow 200s and plain 200s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+
+from connectors.kafka_topics import PIPELINE_TOPICS
+from connectors.otlp.exporter import CODECS, decompress
+from tests.integration._collector import (
+    COLLECTOR_OUTPUT,
+    OTLP_ENDPOINT,
+    produce,
+    require_collector,
+    require_kafka,
+)
+from tests.integration.brokers import KAFKA, Processes, Run, wait_until
+
+pytestmark = pytest.mark.integration
+
+WINDOW_MS = 60_000
+NS_PER_MS = 1_000_000
+DEVICES = 3
+READING_STEP_MS = 7_000  # not a divisor of the window: windows hold 8 or 9
+WORKER_READY_TIMEOUT_S = 90.0
+DELIVERY_TIMEOUT_S = 60.0
+
+# (device_id, metric, window_start_ms): one window summary.
+WindowKey = tuple[str, str, int]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One summary data point as a receiver decoded it, times in ns."""
+
+    device_id: str
+    metric: str
+    start_ns: int
+    end_ns: int
+    count: int
+    sum: float
+    min: float
+    max: float
+
+    @property
+    def key(self) -> WindowKey:
+        return (self.device_id, self.metric, self.start_ns // NS_PER_MS)
+
+
+# -- readings and the reference windows ------------------------------------------
+
+
+def past_window_start_ms(minutes_ago: int) -> int:
+    """A window start this many minutes back: old enough for any clock-skew check."""
+    now_ms = time.time_ns() // NS_PER_MS
+    return (now_ms - minutes_ago * 60_000) // WINDOW_MS * WINDOW_MS
+
+
+def make_readings(
+    run_id: str, *, start_ms: int, count: int, first_seq: int = 0
+) -> list[tuple[str, int, float]]:
+    """Readings (device_id, time_ms, value); values are exact binary fractions."""
+    readings = []
+    for seq in range(first_seq, first_seq + count):
+        for d in range(DEVICES):
+            time_ms = start_ms + seq * READING_STEP_MS + 13 * d
+            value = 20.0 + d + (seq % 11) * 0.25
+            readings.append((f"{run_id}-dev{d}", time_ms, value))
+    return readings
+
+
+def reference_points(readings: list[tuple[str, int, float]]) -> dict[WindowKey, Point]:
+    """Tumbling window summaries of the readings, computed independently."""
+    groups: dict[WindowKey, list[float]] = {}
+    for device_id, time_ms, value in readings:
+        start_ms = time_ms - time_ms % WINDOW_MS
+        groups.setdefault((device_id, "temperature", start_ms), []).append(value)
+    return {
+        key: Point(
+            device_id=key[0],
+            metric=key[1],
+            start_ns=key[2] * NS_PER_MS,
+            end_ns=(key[2] + WINDOW_MS) * NS_PER_MS,
+            count=len(values),
+            sum=math.fsum(values),
+            min=min(values),
+            max=max(values),
+        )
+        for key, values in groups.items()
+    }
+
+
+async def produce_raw(run: Run, readings: list[tuple[str, int, float]]) -> None:
+    topic = run.topic("telemetry-raw")
+    items = [
+        (
+            topic,
+            device_id.encode(),
+            orjson.dumps({"time": time_ms, "temperature": value, "unit": "C"}),
+        )
+        for device_id, time_ms, value in readings
+    ]
+    await produce(items)
+
+
+# -- what receivers decoded -------------------------------------------------------
+
+
+def _attribute(attributes: list[dict[str, Any]], key: str) -> Any:
+    for item in attributes:
+        if item["key"] == key:
+            return next(iter(item.get("value", {}).values()), None)
+    return None
+
+
+def collector_points(run_id: str) -> list[Point]:
+    """Summary points of this run in the collector's file (lines naming the run)."""
+    if not COLLECTOR_OUTPUT.exists():
+        return []
+    needle = run_id.encode()
+    points = []
+    with COLLECTOR_OUTPUT.open("rb") as handle:
+        lines = [line for line in handle if needle in line and line.endswith(b"\n")]
+    for line in lines:
+        for resource in orjson.loads(line).get("resourceMetrics", []):
+            attributes = resource["resource"]["attributes"]
+            if _attribute(attributes, "edge.site") != run_id:
+                continue
+            device_id = _attribute(attributes, "device.id")
+            for scope in resource.get("scopeMetrics", []):
+                for metric in scope.get("metrics", []):
+                    for p in metric.get("summary", {}).get("dataPoints", []):
+                        quantiles = {
+                            q.get("quantile", 0.0): q.get("value", 0.0)
+                            for q in p.get("quantileValues", [])
+                        }
+                        points.append(
+                            Point(
+                                device_id=device_id,
+                                metric=metric["name"],
+                                start_ns=int(p["startTimeUnixNano"]),
+                                end_ns=int(p["timeUnixNano"]),
+                                count=int(p.get("count", 0)),
+                                sum=float(p.get("sum", 0.0)),
+                                min=quantiles[0.0],
+                                max=quantiles[1.0],
+                            )
+                        )
+    return points
+
+
+def decode_metrics_points(request: ExportMetricsServiceRequest) -> list[Point]:
+    points = []
+    for resource in request.resource_metrics:
+        attributes = {a.key: a.value.string_value for a in resource.resource.attributes}
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for p in metric.summary.data_points:
+                    quantiles = {q.quantile: q.value for q in p.quantile_values}
+                    points.append(
+                        Point(
+                            device_id=attributes["device.id"],
+                            metric=metric.name,
+                            start_ns=p.start_time_unix_nano,
+                            end_ns=p.time_unix_nano,
+                            count=p.count,
+                            sum=p.sum,
+                            min=quantiles[0.0],
+                            max=quantiles[1.0],
+                        )
+                    )
+    return points
+
+
+def assert_points_match(points: list[Point], reference: dict[WindowKey, Point]) -> None:
+    by_key = {p.key: p for p in points}
+    assert set(by_key) == set(reference), (
+        f"missing {sorted(set(reference) - set(by_key))[:5]},"
+        f" unexpected {sorted(set(by_key) - set(reference))[:5]}"
+    )
+    for key, expected in reference.items():
+        assert by_key[key] == expected, key
+
+
+# -- a fake OTLP/HTTP receiver ---------------------------------------------------
+
+
+@dataclass
+class Arrival:
+    at_s: float  # time.monotonic() when the request's head arrived
+    path: str
+    status: int
+
+
+@dataclass
+class FakeReceiver:
+    """OTLP/HTTP on 127.0.0.1 in a thread: closed, busy (503), slow or plain 200.
+
+    Busy answers alternate ``Retry-After`` in seconds and as an HTTP date; both
+    mean at least ``retry_after_s`` from the answer.
+    """
+
+    port: int
+    retry_after_s: int = 5
+    ok_delay_s: float = 0.0
+    mode: str = "ok"  # "ok" or "busy"
+    arrivals: list[Arrival] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
+    open_requests: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _server: asyncio.AbstractServer | None = None
+    _thread: threading.Thread | None = None
+
+    def start_thread(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def listen(self) -> None:
+        """Start accepting connections (until then, connections are refused)."""
+        future = asyncio.run_coroutine_threadsafe(self._open(), self._require_loop())
+        future.result(timeout=5)
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
+        future.result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._loop.close()
+        self._loop = None
+
+    def busy_arrivals(self) -> list[Arrival]:
+        with self._lock:
+            return [a for a in self.arrivals if a.status == 503]
+
+    def received(self) -> list[Point]:
+        with self._lock:
+            return list(self.points)
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("start_thread() first")
+        return self._loop
+
+    async def _open(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                arrived_s = time.monotonic()
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
+                length = int(headers.get("content-length", "0"))
+                body = await reader.readexactly(length)
+                path = lines[0].split(" ")[1]
+                answer = await self._answer(path, headers, body, arrived_s)
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(
+        self, path: str, headers: dict[str, str], body: bytes, arrived_s: float
+    ) -> bytes:
+        if self.mode == "busy":
+            with self._lock:
+                busy = len([a for a in self.arrivals if a.status == 503])
+                self.arrivals.append(Arrival(arrived_s, path, 503))
+            if busy % 2 == 0:
+                retry_after = str(self.retry_after_s)
+            else:
+                # Rounded up to a whole second, so the date is never early.
+                when_s = math.ceil(time.time()) + self.retry_after_s
+                retry_after = email.utils.formatdate(when_s, usegmt=True)
+            return (
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                f"retry-after: {retry_after}\r\n\r\n"
+            ).encode()
+
+        with self._lock:
+            self.open_requests += 1
+        try:
+            # The delay keeps the request open, so a kill can land inside it.
+            await asyncio.sleep(self.ok_delay_s)
+        finally:
+            with self._lock:
+                self.open_requests -= 1
+        raw = decompress(body, headers.get("content-encoding", "none"))
+        decoded: list[Point] = []
+        if path == "/v1/metrics":
+            decoded = decode_metrics_points(ExportMetricsServiceRequest.FromString(raw))
+        with self._lock:
+            self.arrivals.append(Arrival(arrived_s, path, 200))
+            self.points.extend(decoded)
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+
+# -- the worker process ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Worker:
+    """One run's worker processes (restartable) and their settings."""
+
+    run: Run
+    processes: Processes
+    data_dir: Path
+    extra_env: dict[str, str]
+    web_port: int = field(default_factory=free_port)
+    started: int = 0
+    process: Any = None
+
+    def env(self) -> dict[str, str]:
+        return self.run.env(
+            EDGE_SITE=self.run.id,
+            EDGE_PARTITIONS="2",
+            EDGE_WEB_PORT=str(self.web_port),
+            EDGE_DATA_DIR=str(self.data_dir),
+            EDGE_WORKER_ID=f"w{self.run.id}",
+            EDGE_WINDOW_SIZE_S=str(WINDOW_MS // 1000),
+            EDGE_IDLE_TIMEOUT_S="2",
+            EDGE_EXPORT_MAX_BATCH_AGE_S="0.5",
+            **self.extra_env,
+        )
+
+    def start(self) -> None:
+        self.started += 1
+        self.process = self.processes.start(self.log_name, ["worker"], self.env())
+        wait_until(
+            self.ready,
+            timeout_s=WORKER_READY_TIMEOUT_S,
+            what=f"worker {self.log_name} ready on :{self.web_port}",
+            every_s=0.5,
+        )
+
+    @property
+    def log_name(self) -> str:
+        return f"worker{self.started}"
+
+    def ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            log = self.processes.log(self.log_name)[-3000:]
+            raise AssertionError(f"worker exited early:\n{log}")
+        return bool(self._get("/health").get("ready"))
+
+    def counters(self) -> dict[str, Any]:
+        return self._get("/counters")
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS line in /proc/<pid>/status")
+
+    def _get(self, path: str) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.web_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+
+def run_topic_names(run: Run) -> list[str]:
+    """Every topic the worker of this run creates, by its exact name."""
+    app_id = f"{run.prefix}edge-otlp-worker"
+    internal = [
+        f"{app_id}-{name}"
+        for name in ("series-changelog", "devices-changelog", "__assignor-__leader")
+    ]
+    pipeline = [run.topic(name) for name in (*PIPELINE_TOPICS, "edge-otlp-ticks")]
+    return pipeline + internal
+
+
+async def delete_own_topics(names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        mine = [name for name in names if name in existing]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def worker_for(
+    run: Run, processes: Processes, tmp_path: Path
+) -> Iterator[Any]:
+    """Build this run's worker with extra environment; delete its topics after."""
+
+    def make(**extra_env: str) -> Worker:
+        return Worker(run, processes, tmp_path / "worker-data", extra_env)
+
+    yield make
+    processes.cleanup()
+    asyncio.run(delete_own_topics(run_topic_names(run)))
+
+
+# -- 1. every codec, real worker, real collector ----------------------------------
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_worker_exports_window_summaries_that_decode_to_reference_values(
+    codec: str, run: Run, worker_for: Any
+) -> None:
+    """Raw readings across several windows reach the collector as exact summaries."""
+    require_kafka()
+    require_collector()
+    worker = worker_for(EDGE_OTLP_ENDPOINT=OTLP_ENDPOINT, EDGE_OTLP_COMPRESSION=codec)
+    readings = make_readings(run.id, start_ms=past_window_start_ms(90), count=40)
+    reference = reference_points(readings)
+
+    worker.start()
+    asyncio.run(produce_raw(run, readings))
+    wait_until(
+        lambda: len({p.key for p in collector_points(run.id)}) >= len(reference),
+        timeout_s=DELIVERY_TIMEOUT_S,
+        what=f"{len(reference)} window points of run {run.id} at the collector",
+    )
+    points = collector_points(run.id)
+    export = worker.counters()["export"]
+
+    assert len({p.start_ns // NS_PER_MS // WINDOW_MS for p in points}) >= 4
+    assert_points_match(points, reference)
+    assert Counter(p.key for p in points).most_common(1)[0][1] == 1
+    assert export["sink"]["points_by_codec"].keys() == {codec}
