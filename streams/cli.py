@@ -293,3 +293,39 @@ def score_csv_command(file: Path, detector_name: str) -> None:
     click.echo("timestamp,value,anomaly_score")
     for timestamp_text, value_text, score in rows:
         click.echo(f"{timestamp_text},{value_text},{score!r}")
+
+
+# -- bench ------------------------------------------------------------------------
+
+
+@main.command("bench")
+@click.argument(
+    "names",
+    nargs=-1,
+    type=click.Choice(["all", "bridge", "worker", "latency", "state", "nab", "export"]),
+)
+@click.option("--quick", is_flag=True, help="short smoke run; its figures mean little")
+@click.option(
+    "--out-dir", type=click.Path(path_type=Path), default=Path("bench-results"),
+    show_default=True, help="where results.jsonl and latest.md go",
+)  # fmt: skip
+def bench(names: tuple[str, ...], quick: bool, out_dir: Path) -> None:
+    """Run benchmarks (default: all) and print one table of figures.
+
+    Live benches (bridge, worker, latency) use the brokers of EDGE_KAFKA_BOOTSTRAP
+    and EDGE_MQTT_URL with topics and client ids of their own.
+    """
+    from streams.bench.runner import format_table, run_benches, write_results
+
+    chosen = names or ("all",)
+
+    def done(name: str, figures: list[Any]) -> None:
+        click.echo(f"bench {name}: {len(figures)} figures", err=True)
+
+    figures = run_benches(chosen, quick=quick, on_done=done)
+    command = "edge-otlp bench " + " ".join(chosen) + (" --quick" if quick else "")
+    jsonl, latest = write_results(
+        figures, out_dir=out_dir, quick=quick, command=command
+    )
+    click.echo(format_table(figures), nl=False)
+    click.echo(f"appended to {jsonl}; table in {latest}", err=True)

@@ -40,7 +40,6 @@ from streams.bench.live import (
     get_json,
     start_process,
     stop_process,
-    wait_for,
 )
 from streams.pipeline import Pipeline
 

@@ -1,0 +1,313 @@
+"""``bench latency``: MQTT publish to decision on Kafka, at a steady reading rate.
+
+The bridge and the worker run as child processes with this run's names and a
+rules file holding one rule that fires on every reading of the metric
+``benchlat`` (``value >= 0``, no cooldown). A publisher sends one reading per
+message at ``rate_per_s`` (QoS 1, 10 devices), each carrying a sequence number
+as its value; a consumer in this process reads ``decisions`` and matches each
+decision to its send time by the observed value in its evidence. Latency is the
+consumer's receive time minus the send time (same clock).
+
+Baseline, earlier in the same run and at the same rate: MQTT publish to a bare
+paho subscriber's receive, on topics outside the bridge's pattern so that the
+pipeline stays idle meanwhile.
+
+A warm-up of 100 readings goes through the pipeline before the measured phase
+and is left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from aiokafka import AIOKafkaConsumer
+
+from streams.bench import BenchFigure
+from streams.bench.live import (
+    BenchRun,
+    cleanup_topics,
+    free_port,
+    get_json,
+    percentile,
+    start_process,
+    stop_process,
+    wait_for,
+)
+
+logger = logging.getLogger(__name__)
+
+BENCH = "latency"
+METRIC = "benchlat"
+N_DEVICES = 10
+WARM_UP = 100
+WARM_UP_ID = 10_000_000  # warm-up values start here, far above any measured id
+START_TIMEOUT_S = 90.0  # worker start-up with group join takes 10-30 s here
+DRAIN_TIMEOUT_S = 30.0
+
+RULES_YAML = f"""\
+version: 1
+rules:
+  - id: bench-every-reading
+    description: fires on every reading of the latency bench
+    match: {{metric: {METRIC}}}
+    when: {{field: value, op: ">=", threshold: 0}}
+    cooldown_s: 0
+    action: bench_record
+"""
+
+
+def _observed(value: Any) -> float | None:
+    """Find the first ``observed`` number in a decision's evidence."""
+    if isinstance(value, dict):
+        if isinstance(value.get("observed"), int | float):
+            return float(value["observed"])
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            found = _observed(item)
+            if found is not None:
+                return found
+    return None
+
+
+class _DecisionReader(threading.Thread):
+    """Read ``decisions`` in a thread of its own; note each one's arrival time."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(name="bench-decisions", daemon=True)
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self.arrived_ns: dict[int, int] = {}
+        self.decided_at_ms: dict[int, int] = {}
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._consume())
+        except BaseException as exc:  # noqa: BLE001 - reported by the bench
+            self.error = exc
+            self.ready.set()
+
+    async def _consume(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self._topic,
+            bootstrap_servers=self._bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+        )
+        await consumer.start()
+        try:
+            while not self.stopping.is_set():
+                batch = await consumer.getmany(timeout_ms=100)
+                self.ready.set()
+                now_ns = time.time_ns()
+                for messages in batch.values():
+                    for message in messages:
+                        decision = orjson.loads(message.value or b"{}")
+                        seq = _observed(decision.get("evidence"))
+                        if seq is not None:
+                            self.arrived_ns[int(seq)] = now_ns
+                            decided = int(decision.get("decided_at_ms", 0))
+                            self.decided_at_ms[int(seq)] = decided
+        finally:
+            await consumer.stop()
+
+
+def _publisher(run: BenchRun, role: str) -> mqtt.Client:
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=run.client_id(role),
+        protocol=mqtt.MQTTv311,
+    )
+    client.max_inflight_messages_set(1000)
+    client.connect(run.settings.mqtt_host, run.settings.mqtt_port_from_url)
+    client.loop_start()
+    return client
+
+
+def _publish_paced(
+    client: mqtt.Client,
+    topics: list[str],
+    ids: range,
+    rate_per_s: float,
+) -> dict[int, int]:
+    """Publish one reading per id at ``rate_per_s``; return each id's send time."""
+    sent_ns: dict[int, int] = {}
+    started = time.perf_counter()
+    for i, seq in enumerate(ids):
+        delay_s = started + i / rate_per_s - time.perf_counter()
+        if delay_s > 0:
+            time.sleep(delay_s)
+        now_ns = time.time_ns()
+        payload = orjson.dumps({"time": now_ns // 1_000_000, METRIC: seq})
+        sent_ns[seq] = now_ns
+        client.publish(topics[i % len(topics)], payload, qos=1)
+    return sent_ns
+
+
+def _bare_latencies_ms(run: BenchRun, n: int, rate_per_s: float) -> list[float]:
+    """Publish to a bare subscriber at the same rate; return the latencies."""
+    root = f"bench/{run.label}-{run.id}-bare"
+    arrived_ns: dict[int, int] = {}
+    subscribed = threading.Event()
+    subscriber = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=run.client_id("bare"),
+        protocol=mqtt.MQTTv311,
+    )
+
+    def on_message(client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        arrived_ns[int(orjson.loads(message.payload)[METRIC])] = time.time_ns()
+
+    subscriber.on_message = on_message
+    subscriber.on_subscribe = lambda *args: subscribed.set()
+    subscriber.connect(run.settings.mqtt_host, run.settings.mqtt_port_from_url)
+    subscriber.loop_start()
+    subscriber.subscribe(f"{root}/+/telemetry", qos=1)
+    subscribed.wait(10.0)
+    publisher = _publisher(run, "bare-publisher")
+    try:
+        topics = [f"{root}/dev{d}/telemetry" for d in range(N_DEVICES)]
+        sent_ns = _publish_paced(publisher, topics, range(n), rate_per_s)
+        wait_for(lambda: len(arrived_ns) >= n, timeout_s=DRAIN_TIMEOUT_S, what="bare")
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+        subscriber.disconnect()
+        subscriber.loop_stop()
+    return [(arrived_ns[s] - sent_ns[s]) / 1e6 for s in sent_ns if s in arrived_ns]
+
+
+def _pipeline_latencies_ms(
+    run: BenchRun, n: int, rate_per_s: float
+) -> tuple[list[float], list[float]]:
+    """Publish through bridge and worker; return total and to-decision latencies."""
+    rules = run.log_dir / "rules.yaml"
+    rules.write_text(RULES_YAML, encoding="utf-8")
+    port = free_port()
+    env = run.env(
+        EDGE_WEB_PORT=str(port),
+        EDGE_WORKER_ID=run.id,
+        EDGE_RULES_FILE=str(rules),
+        EDGE_BRIDGE_MAX_INFLIGHT=str(run.settings.bridge_max_inflight),
+    )
+    worker = start_process(run, "worker", ["worker"], env)
+    bridge = start_process(run, "bridge", ["bridge"], env)
+    reader = _DecisionReader(run.settings.kafka_bootstrap, run.topic("decisions"))
+    publisher: mqtt.Client | None = None
+    try:
+        health = f"http://127.0.0.1:{port}/health"
+        wait_for(
+            lambda: bool((get_json(health) or {}).get("ready")),
+            timeout_s=START_TIMEOUT_S,
+            what="worker ready",
+            every_s=0.5,
+        )
+        reader.start()
+        reader.ready.wait(30.0)
+        if reader.error is not None:
+            raise reader.error
+        publisher = _publisher(run, "publisher")
+        topics = [run.mqtt_topic(f"dev{d}") for d in range(N_DEVICES)]
+
+        # Warm-up: repeat until the pipeline answers (the bridge may still be
+        # connecting), then let it settle.
+        warm_ids = range(WARM_UP_ID, WARM_UP_ID + WARM_UP)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not reader.arrived_ns and time.monotonic() < deadline:
+            _publish_paced(publisher, topics, warm_ids, 100.0)
+            time.sleep(1.0)
+        if not reader.arrived_ns:
+            raise TimeoutError(f"no decision came back; logs in {run.log_dir}")
+        time.sleep(2.0)
+
+        sent_ns = _publish_paced(publisher, topics, range(n), rate_per_s)
+        wait_for(
+            lambda: all(s in reader.arrived_ns for s in (0, n - 1)),
+            timeout_s=DRAIN_TIMEOUT_S,
+            what="the last decision",
+        )
+        time.sleep(1.0)
+    finally:
+        reader.stopping.set()
+        if publisher is not None:
+            publisher.disconnect()
+            publisher.loop_stop()
+        stop_process(bridge)
+        stop_process(worker)
+        if reader.is_alive():
+            reader.join(10.0)
+    total = [
+        (reader.arrived_ns[s] - sent_ns[s]) / 1e6
+        for s in sent_ns
+        if s in reader.arrived_ns
+    ]
+    to_decision = [
+        reader.decided_at_ms[s] - sent_ns[s] / 1e6
+        for s in sent_ns
+        if s in reader.decided_at_ms
+    ]
+    return total, to_decision
+
+
+def run(
+    rate_per_s: float = 1_000.0, duration_s: float = 10.0, **_: Any
+) -> list[BenchFigure]:
+    """Measure publish -> decision latency against publish -> bare subscriber.
+
+    Args:
+        rate_per_s: readings published per second (one per MQTT message).
+        duration_s: length of the measured phase.
+
+    Returns:
+        p50 and p99 of the pipeline against the bare MQTT baseline, and the share
+        of readings whose decision came back.
+    """
+    bench_run = BenchRun(BENCH)
+    n = round(rate_per_s * duration_s)
+    try:
+        bare = _bare_latencies_ms(bench_run, n, rate_per_s)
+        total, to_decision = _pipeline_latencies_ms(bench_run, n, rate_per_s)
+    finally:
+        cleanup_topics(bench_run)
+
+    figures = []
+    for label, fraction, target_ms in (("p50", 0.5, 5.0), ("p99", 0.99, 10.0)):
+        value = percentile(total, fraction)
+        base = percentile(bare, fraction)
+        split = percentile(to_decision, fraction)
+        figures.append(
+            BenchFigure(
+                bench=BENCH,
+                name=f"publish to decision {label}",
+                value=value,
+                unit="ms",
+                baseline=base,
+                baseline_name="MQTT publish to bare subscriber",
+                ratio=value / base if base > 0 else None,
+                target=f"< {target_ms:g} ms",
+                met=value < target_ms,
+                note=f"{rate_per_s:,.0f} readings/s for {duration_s:g} s;"
+                f" {label} publish to the worker's decided_at_ms clock:"
+                f" {split:.1f} ms (ms resolution)",
+            )
+        )
+    figures.append(
+        BenchFigure(
+            bench=BENCH,
+            name="decisions received",
+            value=len(total) / n,
+            unit="fraction",
+            note=f"{len(total):,} of {n:,} readings came back as decisions",
+        )
+    )
+    return figures
