@@ -295,6 +295,84 @@ def score_csv_command(file: Path, detector_name: str) -> None:
         click.echo(f"{timestamp_text},{value_text},{score!r}")
 
 
+# -- demo -------------------------------------------------------------------------
+
+
+@main.command("demo")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="replay the first rows of two NAB files only (about a minute)",
+)
+@click.option(
+    "--rows",
+    type=int,
+    help="replay at most N rows per file (default: all; 600 with --quick)",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    default=Path("out/demo"),
+    show_default=True,
+    help="PNG charts, summary.json and process logs",
+)
+@click.option(
+    "--timeout-s",
+    type=float,
+    help="bound on processing and export after the replay"
+    " (default 480; 90 with --quick)",
+)
+@click.option(
+    "--stack/--no-stack",
+    "manage_stack",
+    default=True,
+    show_default=True,
+    help="start the local stack's missing servers, stop them afterwards",
+)
+@click.option(
+    "--collector-output",
+    type=click.Path(path_type=Path),
+    help="the collector's OTLP/JSON file (default: the local stack's)",
+)
+@click.option("--keep-topics", is_flag=True, help="keep this run's Kafka topics")
+@click.pass_context
+def demo(
+    ctx: click.Context,
+    quick: bool,
+    rows: int | None,
+    out_dir: Path,
+    timeout_s: float | None,
+    manage_stack: bool,
+    collector_output: Path | None,
+    keep_topics: bool,
+) -> None:
+    """Replay NAB series through MQTT, Kafka, the worker and OTLP; account for all."""
+    from streams.demo import (
+        FULL_FILES,
+        QUICK_FILES,
+        QUICK_ROWS,
+        DemoOptions,
+        run_demo,
+    )
+
+    options = DemoOptions(
+        files=QUICK_FILES if quick else FULL_FILES,
+        rows=rows or (QUICK_ROWS if quick else None),
+        out_dir=out_dir,
+        timeout_s=timeout_s or (90.0 if quick else 480.0),
+        manage_stack=manage_stack,
+        collector_output=collector_output,
+        keep_topics=keep_topics,
+    )
+    # One line per poll of the worker's web views would bury the summary.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    try:
+        run_demo(_settings(ctx), options, say=click.echo)
+    except PipelineError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 # -- bench ------------------------------------------------------------------------
 
 
