@@ -31,7 +31,7 @@ QUICK_OPTIONS: dict[str, dict[str, Any]] = {
     "export": {"n_points": 5_000, "repeats": 2},
     "bridge": {"n_messages": 5_000, "repeats": 1},
     "worker": {"n_readings": 10_000},
-    "latency": {"rate_per_s": 1_000, "duration_s": 3.0},
+    "latency": {"duration_s": 3.0},
 }
 
 COLUMNS = (
