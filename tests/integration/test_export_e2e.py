@@ -238,6 +238,7 @@ class FakeReceiver:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.AbstractServer | None = None
+    _connections: set[asyncio.Task[None]] = field(default_factory=set)
     _thread: threading.Thread | None = None
 
     def start_thread(self) -> None:
@@ -280,11 +281,20 @@ class FakeReceiver:
     async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
+        open_connections = list(self._connections)
+        for task in open_connections:
+            task.cancel()
+        await asyncio.gather(*open_connections, return_exceptions=True)
+        await asyncio.sleep(0.05)  # let the transports finish closing
+        if self._server is not None:
             await self._server.wait_closed()
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -304,6 +314,7 @@ class FakeReceiver:
             pass
         finally:
             writer.close()
+            self._connections.discard(task)  # type: ignore[arg-type]
 
     async def _answer(
         self, path: str, headers: dict[str, str], body: bytes, arrived_s: float
@@ -375,25 +386,39 @@ class Worker:
             **self.extra_env,
         )
 
-    def start(self) -> None:
+    def start(self, *, wait_ready: bool = True) -> None:
+        """Start a worker process; wait for /health ready, or only for /counters.
+
+        A worker restarted after kill -9 is not ready until its consumer group
+        drops the dead member (Faust's 60 s session timeout), while its exporter,
+        a separate consumer group, works long before that.
+        """
         self.started += 1
         self.process = self.processes.start(self.log_name, ["worker"], self.env())
+        check = self.ready if wait_ready else self.serving
         wait_until(
-            self.ready,
+            check,
             timeout_s=WORKER_READY_TIMEOUT_S,
-            what=f"worker {self.log_name} ready on :{self.web_port}",
+            what=f"worker {self.log_name} on :{self.web_port}",
             every_s=0.5,
         )
+
+    def serving(self) -> bool:
+        self._check_alive()
+        return "export" in self.counters()
 
     @property
     def log_name(self) -> str:
         return f"worker{self.started}"
 
     def ready(self) -> bool:
+        self._check_alive()
+        return bool(self._get("/health").get("ready"))
+
+    def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             log = self.processes.log(self.log_name)[-3000:]
             raise AssertionError(f"worker exited early:\n{log}")
-        return bool(self._get("/health").get("ready"))
 
     def counters(self) -> dict[str, Any]:
         return self._get("/counters")
@@ -481,3 +506,234 @@ def test_worker_exports_window_summaries_that_decode_to_reference_values(
     assert_points_match(points, reference)
     assert Counter(p.key for p in points).most_common(1)[0][1] == 1
     assert export["sink"]["points_by_codec"].keys() == {codec}
+
+
+# -- 2. outage, then busy with Retry-After, then up ------------------------------
+
+
+class PacedProducer:
+    """Produce one window of readings per device every second, from a thread.
+
+    Each tick holds whole windows, so an idle close between two ticks never cuts
+    a window short and the reference stays exact.
+    """
+
+    def __init__(self, run: Run, *, start_ms: int) -> None:
+        self.run = run
+        self.start_ms = start_ms
+        self.readings: list[tuple[str, int, float]] = []
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            chunk = window_of_readings(
+                self.run.id, self.start_ms + self.ticks * WINDOW_MS, self.ticks
+            )
+            asyncio.run(produce_raw(self.run, chunk))
+            self.readings.extend(chunk)
+            self.ticks += 1
+            self._stop.wait(1.0)
+
+
+def window_of_readings(
+    run_id: str, window_start_ms: int, salt: int
+) -> list[tuple[str, int, float]]:
+    """One window's readings per device; ``salt`` varies the values per window."""
+    per_window = math.ceil(WINDOW_MS / READING_STEP_MS)
+    return [
+        (
+            f"{run_id}-dev{d}",
+            window_start_ms + i * READING_STEP_MS + 13 * d,
+            20.0 + d + ((i + salt) % 13) * 0.25,
+        )
+        for i in range(per_window)
+        for d in range(DEVICES)
+    ]
+
+
+class RssSampler:
+    """Sample a process's VmRSS every second, labelled with the test's phase."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.phase = "start"
+        self.samples: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def max_in(self, *phases: str) -> int:
+        return max(rss for phase, rss in self.samples if phase in phases)
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((self.phase, self.worker.rss_bytes()))
+            except (OSError, AssertionError):
+                return  # the process is gone
+            self._stop.wait(1.0)
+
+
+UNREACHABLE_S = float(os.environ.get("TEST_E2E_UNREACHABLE_S", "60"))
+BUSY_S = float(os.environ.get("TEST_E2E_BUSY_S", "30"))
+RETRY_AFTER_S = 5
+BUSY_ANSWERS_MIN = 3  # two gaps, one per Retry-After form
+# The exporter's backoff while unreachable is capped at 60 s (not settable in the
+# worker), so its first request after the outage may come up to a minute late.
+BUSY_PHASE_MAX_S = BUSY_S + 75
+RSS_GROWTH_MAX_BYTES = 150 * 1024 * 1024
+BATCH_POINTS = 20
+RETRY_AFTER_TOLERANCE_S = 0.25
+
+
+def test_worker_export_survives_outage_then_busy_receiver_with_bounded_memory(
+    run: Run, worker_for: Any
+) -> None:
+    """Refused for 60 s, then 503 + Retry-After for 30 s, then 200: nothing lost."""
+    require_kafka()
+    receiver = FakeReceiver(free_port(), retry_after_s=RETRY_AFTER_S, mode="busy")
+    receiver.start_thread()
+    worker = worker_for(
+        EDGE_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
+        EDGE_OTLP_COMPRESSION="zstd",
+        EDGE_EXPORT_MAX_BATCH_POINTS=str(BATCH_POINTS),
+    )
+    producer = PacedProducer(run, start_ms=past_window_start_ms(300))
+    sampler = RssSampler(worker)
+
+    try:
+        worker.start()
+        sampler.start()
+        producer.start()
+        sampler.phase = "unreachable"
+        time.sleep(UNREACHABLE_S)
+        summaries_in_outage = worker.counters()["summaries"]
+        received_in_outage = len(receiver.received())
+
+        sampler.phase = "busy"
+        receiver.listen()
+        busy_since = time.monotonic()
+        wait_until(
+            lambda: len(receiver.busy_arrivals()) >= BUSY_ANSWERS_MIN
+            and time.monotonic() - busy_since >= BUSY_S,
+            timeout_s=BUSY_PHASE_MAX_S,
+            what=f"{BUSY_ANSWERS_MIN} requests answered 503",
+        )
+
+        sampler.phase = "up"
+        receiver.mode = "ok"
+        time.sleep(3)
+        producer.stop()
+        reference = reference_points(producer.readings)
+        wait_until(
+            lambda: {p.key for p in receiver.received()} >= set(reference),
+            timeout_s=DELIVERY_TIMEOUT_S,
+            what=f"{len(reference)} window points at the fake receiver",
+        )
+        export = worker.counters()["export"]
+    finally:
+        producer.stop()
+        sampler.stop()
+        receiver.close()
+
+    points = receiver.received()
+    busy = receiver.busy_arrivals()
+    gaps = [b.at_s - a.at_s for a, b in zip(busy, busy[1:], strict=False)]
+    baseline = sampler.max_in("start")
+    growth = sampler.max_in("unreachable", "busy") - baseline
+
+    assert received_in_outage == 0
+    assert summaries_in_outage >= 2 * DEVICES, "the worker stopped aggregating"
+    assert_points_match(points, reference)
+    assert Counter(p.key for p in points).most_common(1)[0][1] == 1
+    assert len(reference) >= DEVICES * (UNREACHABLE_S + BUSY_S) * 0.8
+    assert all(
+        RETRY_AFTER_S - RETRY_AFTER_TOLERANCE_S <= gap <= RETRY_AFTER_S + 2.5
+        for gap in gaps
+    ), f"Retry-After not honoured: gaps {gaps}"
+    assert growth < RSS_GROWTH_MAX_BYTES, f"RSS grew {growth / 2**20:.0f} MiB"
+    assert 0 < export["max_records_held"] <= BATCH_POINTS
+    assert export["sink"]["retries"] >= len(busy)
+    print(
+        f"outage: points={len(reference)} busy_gaps_s={[round(g, 2) for g in gaps]}"
+        f" rss_baseline_mib={baseline / 2**20:.0f} growth_mib={growth / 2**20:.1f}"
+        f" max_records_held={export['max_records_held']}"
+    )
+
+
+# -- 3. kill -9 during an export, then a restart ----------------------------------
+
+SLOW_ANSWER_S = 2.0
+
+
+def test_worker_killed_during_export_loses_no_point_and_repeats_at_most_one_batch(
+    run: Run, worker_for: Any
+) -> None:
+    """kill -9 while a request is open; after a restart every point arrives."""
+    require_kafka()
+    receiver = FakeReceiver(free_port(), ok_delay_s=SLOW_ANSWER_S)
+    receiver.start_thread()
+    receiver.listen()
+    worker = worker_for(
+        EDGE_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
+        EDGE_OTLP_COMPRESSION="lz4",
+        EDGE_EXPORT_MAX_BATCH_POINTS=str(BATCH_POINTS),
+    )
+    readings = make_readings(run.id, start_ms=past_window_start_ms(200), count=180)
+    reference = reference_points(readings)
+
+    try:
+        worker.start()
+        asyncio.run(produce_raw(run, readings))
+        wait_until(
+            lambda: worker.counters().get("summaries", 0) >= len(reference),
+            timeout_s=DELIVERY_TIMEOUT_S,
+            what=f"the worker to close {len(reference)} windows",
+        )
+        # Past the agent's 1 s commit interval, so a restart replays no raw input
+        # and any repeat comes from the export batch in flight.
+        time.sleep(2.5)
+        wait_until(
+            lambda: receiver.received() and receiver.open_requests > 0,
+            timeout_s=DELIVERY_TIMEOUT_S,
+            what="an export request open after a first accepted batch",
+            every_s=0.05,
+        )
+        worker.processes.kill9(worker.process)
+        before_kill = {p.key for p in receiver.received()}
+
+        worker.start(wait_ready=False)
+        wait_until(
+            lambda: {p.key for p in receiver.received()} >= set(reference),
+            timeout_s=DELIVERY_TIMEOUT_S + 30,
+            what=f"{len(reference)} window points after the restart",
+        )
+        time.sleep(2 * SLOW_ANSWER_S)  # a repeat still in flight would show now
+    finally:
+        receiver.close()
+
+    points = receiver.received()
+    repeats = len(points) - len({p.key for p in points})
+
+    assert 0 < len(before_kill) < len(reference), "the kill missed the export"
+    assert_points_match(points, reference)
+    assert repeats <= BATCH_POINTS
+    print(
+        f"kill -9: points={len(reference)} before_kill={len(before_kill)}"
+        f" repeats={repeats}"
+    )
