@@ -45,6 +45,7 @@ class SeriesPlot:
         values: the readings' values, one per time.
         scores: the anomaly score of each reading, in ``[0, 1]``.
         threshold: the score from which a reading is an anomaly.
+        detector: the detector that produced the scores.
         labelled_windows: NAB's anomaly windows ``(start_ms, end_ms)``.
     """
 
@@ -54,6 +55,7 @@ class SeriesPlot:
     values: Sequence[float]
     scores: Sequence[float]
     threshold: float
+    detector: str = "surprise"
     labelled_windows: Sequence[tuple[int, int]] = field(default_factory=tuple)
 
 
@@ -99,7 +101,15 @@ def plot_device(
         for rule_id, colour in colours.items()
     ]
     handles.append(Patch(color="tab:green", alpha=0.2, label="NAB labelled window"))
-    axes[0][0].legend(handles=handles, loc="upper left", fontsize=8, ncol=3)
+    # Above the top panel, so it hides no reading.
+    axes[0][0].legend(
+        handles=handles,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+        ncol=len(handles),
+        frameon=False,
+    )
     bottom = axes[-1][0]
     # Labelled windows past the replayed rows (a shortened run) would stretch it.
     first_ms = min(one.times_ms[0] for one in series if one.times_ms)
@@ -109,7 +119,7 @@ def plot_device(
     bottom.xaxis.set_major_formatter(dates)
     bottom.set_xlabel("event time (UTC)")
     sources = ", ".join(one.source for one in series)
-    fig.suptitle(f"device {device_id}: {sources}\n{score_note}", fontsize=10)
+    fig.suptitle(f"device {device_id}: {sources}\n{score_note}", fontsize=10, y=0.995)
     fig.tight_layout()
 
     path.parent.mkdir(parents=True, exist_ok=True)
