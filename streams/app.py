@@ -10,9 +10,10 @@ State lives in two tables backed by changelog topics: ``series`` (windows and
 detector of each device/metric series, plus each device's metric list) and
 ``devices`` (rule cooldowns and counters per device). Faust forbids table writes
 outside a stream, so idle windows are closed through the stream too: a timer
-sends a *tick* keyed by the device to the internal ``ticks`` topic, which has the
-same partition count and keys as ``telemetry-raw``, so the tick lands in the
-partition (and table partition) that owns the device.
+sends a *tick* (an empty record with the header ``edge_tick``) keyed by the device
+to ``telemetry-raw`` itself. It lands in the device's partition, behind every
+message of the device received before it, so a backlog never makes a busy device
+look idle. Subscribers of ``telemetry-raw`` skip records with that header.
 
 The exporter runs beside the agent in the same process (see
 :mod:`streams.export`); set ``EDGE_EXPORT_ENABLED=false`` to run it alone with
@@ -29,6 +30,8 @@ from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from faust.web import Request, Response, View
 
 from connectors.kafka_topics import PIPELINE_TOPICS
@@ -42,7 +45,28 @@ from streams.pipeline import Outputs, Pipeline, PipelineConfig
 
 logger = logging.getLogger(__name__)
 
-TICKS_TOPIC = "edge-otlp-ticks"
+# Header of the idle ticks the worker writes into telemetry-raw (value: send ms).
+TICK_HEADER = "edge_tick"
+
+
+class FlushingConsumer(faust_aiokafka.Consumer):  # type: ignore[misc]
+    """Faust's Kafka consumer, but offsets are committed only after a flush.
+
+    Faust writes table changelogs with ``send_soon`` (buffered) and sends agent
+    output without waiting, yet commits source offsets on a timer. Without a
+    flush a crash could keep a committed offset whose state change or output
+    never reached Kafka: the reading would be lost. Flushing the producer first
+    makes everything produced for the committed records durable.
+    """
+
+    async def _commit_offsets(
+        self, offsets: dict[TP, int], start_new_transaction: bool = True
+    ) -> bool:
+        await self.app.producer.flush()
+        result: bool = await super()._commit_offsets(
+            offsets, start_new_transaction=start_new_transaction
+        )
+        return result
 
 
 def _now_ms() -> int:
@@ -170,14 +194,9 @@ def create_app(settings: Settings) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
     )
+    app.transport.Consumer = FlushingConsumer
     raw_topic = app.topic(
-        settings.topic("telemetry-raw"),
-        settings.topic(TICKS_TOPIC),
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    ticks_topic = app.topic(
-        settings.topic(TICKS_TOPIC), key_serializer="raw", value_serializer="raw"
+        settings.topic("telemetry-raw"), key_serializer="raw", value_serializer="raw"
     )
     out_topics = {
         name: app.topic(
@@ -185,9 +204,16 @@ def create_app(settings: Settings) -> faust.App:
         )
         for name in PIPELINE_TOPICS
     }
-    # Values are the pipeline's own compact bytes (app-wide raw serializers).
-    series = app.Table("series", default=None, partitions=settings.partitions)
-    devices = app.Table("devices", default=None, partitions=settings.partitions)
+    # Keys and values are the pipeline's own compact bytes: bytes types make Faust
+    # use the raw codec for the changelogs (its default would be JSON).
+    series = app.Table(
+        "series", default=None, key_type=bytes, value_type=bytes,
+        partitions=settings.partitions,
+    )  # fmt: skip
+    devices = app.Table(
+        "devices", default=None, key_type=bytes, value_type=bytes,
+        partitions=settings.partitions,
+    )  # fmt: skip
     state = WorkerState(
         pipeline=Pipeline(config, clock_ms=_now_ms),
         commands=CommandPublisher(
@@ -197,7 +223,6 @@ def create_app(settings: Settings) -> faust.App:
         ),
     )
     app.edge_state = state  # type: ignore[attr-defined]
-    ticks_name = settings.topic(TICKS_TOPIC)
 
     async def emit(device_id: str, key: bytes, out: Outputs) -> None:
         if settings.publish_readings:
@@ -223,9 +248,13 @@ def create_app(settings: Settings) -> faust.App:
             message = event.message
             key = message.key or b""
             device_id = key.decode(errors="replace")
-            if message.topic == ticks_name:
+            tick_ms = _tick_ms(message.headers)
+            if tick_ms is not None:
                 out = state.pipeline.close_idle(
-                    device_id=device_id, series_store=series, device_store=devices
+                    device_id=device_id,
+                    tick_ms=tick_ms,
+                    series_store=series,
+                    device_store=devices,
                 )
             else:
                 out = state.pipeline.process_raw(
@@ -256,7 +285,11 @@ def create_app(settings: Settings) -> faust.App:
         due = [d for d, deadline in state.idle_deadlines.items() if deadline <= now_ms]
         for device_id in due:
             state.idle_deadlines.pop(device_id, None)
-            await ticks_topic.send(key=device_id.encode(), value=b"")
+            await raw_topic.send(
+                key=device_id.encode(),
+                value=b"",
+                headers={TICK_HEADER: str(now_ms).encode()},
+            )
         _update_rate(state, now_ms)
 
     @app.task
@@ -320,6 +353,16 @@ def _received_ms(headers: Any) -> int:
             except (TypeError, ValueError):
                 break
     return _now_ms()
+
+
+def _tick_ms(headers: Any) -> int | None:
+    for name, value in headers or ():
+        if name == TICK_HEADER:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _send_command(commands: CommandPublisher, decision: Decision) -> None:

@@ -6,11 +6,16 @@ the mappings it is given (Faust tables in the worker, dicts in unit tests), each
 value a compact byte string, so a restarted or rebalanced worker continues from
 the changelog where the last one stopped.
 
-Exactly-once counting under at-least-once delivery: a message processed again
-after a crash finds its readings already counted in the open window (same time
-and value) and is dropped as a duplicate before it reaches the detector or the
-rules, so neither learns or fires twice. Known limit: a replayed reading whose
-window has meanwhile closed is reported as late instead of duplicate.
+Exactly-once counting under at-least-once delivery, two ways:
+
+* Kafka replays after a crash or rebalance: each series remembers the offset of
+  the last ``telemetry-raw`` record it applied (a device always lives in one
+  partition), so a record processed again is skipped whole: not counted, not
+  learnt, not late, no rule evaluated.
+* MQTT redeliveries (a new record with the same content): a reading whose time
+  and value are already counted in its open window is dropped as a duplicate
+  before it reaches the detector or the rules. Known limit: a redelivery that
+  arrives after its window closed is reported late.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ logger = logging.getLogger(__name__)
 
 StateStore = MutableMapping[bytes, bytes]
 
-# Series state: three length-prefixed blobs (tumbling windows, hopping windows,
-# detector) followed by the unit text.
-_LENGTHS = struct.Struct("<III")
+# Series state: the offset of the last applied telemetry-raw record and the
+# lengths of three blobs (tumbling windows, hopping windows, detector), then the
+# blobs and the unit text.
+_HEADER = struct.Struct("<qIII")
 # Dead letters keep at most this much of the original payload.
 DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
 _SEP = "\x1f"
@@ -64,6 +70,7 @@ class PipelineCounters:
     """Running totals of the worker's pipeline (see the ``/counters`` view)."""
 
     raw_messages: int = 0
+    replayed: int = 0
     readings: int = 0
     duplicates: int = 0
     late: int = 0
@@ -97,7 +104,7 @@ class PipelineConfig:
 class _Series:
     """Decoded state of one (device, metric) series during one step."""
 
-    __slots__ = ("tumbling", "hopping", "detector", "unit")
+    __slots__ = ("tumbling", "hopping", "detector", "unit", "applied_offset")
 
     def __init__(
         self,
@@ -105,18 +112,22 @@ class _Series:
         hopping: SeriesWindows | None,
         detector: Detector,
         unit: str | None,
+        applied_offset: int = -1,
     ) -> None:
         self.tumbling = tumbling
         self.hopping = hopping
         self.detector = detector
         self.unit = unit
+        self.applied_offset = applied_offset
 
     def to_bytes(self) -> bytes:
         tumbling = self.tumbling.to_bytes()
         hopping = self.hopping.to_bytes() if self.hopping is not None else b""
         detector = self.detector.to_bytes()
         unit = (self.unit or "").encode()
-        header = _LENGTHS.pack(len(tumbling), len(hopping), len(detector))
+        header = _HEADER.pack(
+            self.applied_offset, len(tumbling), len(hopping), len(detector)
+        )
         return b"".join((header, tumbling, hopping, detector, unit))
 
     @property
@@ -156,7 +167,9 @@ class Pipeline:
         """Process one ``telemetry-raw`` message of ``device_id``.
 
         Bad parts of the payload become dead letters naming the field; the good
-        parts go on. Never raises for bad input.
+        parts go on. Never raises for bad input. Idleness is measured on the
+        bridge's receive clock (``received_ms``), so a backlog in Kafka does not
+        make a busy device look idle.
         """
         now_ms = self._clock_ms()
         out = Outputs()
@@ -184,9 +197,14 @@ class Pipeline:
             if series is None:
                 series = self._load_series(series_store, device_id, reading)
                 series_cache[reading.metric] = series
+            if offset is not None and offset <= series.applied_offset:
+                self.counters.replayed += 1
+                continue
             if rule_state is None:
                 rule_state = RuleState.from_bytes(device_store.get(device_id.encode()))
-            late = self._process_reading(reading, series, rule_state, now_ms, out)
+            late = self._process_reading(
+                reading, series, rule_state, now_ms, received_ms, out
+            )
             if late:
                 out.dead_letters.append(
                     self._late_letter(
@@ -195,6 +213,8 @@ class Pipeline:
                 )
 
         for metric, series in series_cache.items():
+            if offset is not None and offset > series.applied_offset:
+                series.applied_offset = offset
             series_store[_series_key(device_id, metric)] = series.to_bytes()
         self._remember_metrics(series_store, device_id, series_cache)
         if rule_state is not None:
@@ -203,14 +223,22 @@ class Pipeline:
         return out
 
     def close_idle(
-        self, *, device_id: str, series_store: StateStore, device_store: StateStore
+        self,
+        *,
+        device_id: str,
+        tick_ms: int,
+        series_store: StateStore,
+        device_store: StateStore,
     ) -> Outputs:
         """Close the windows of ``device_id``'s series that have been idle too long.
 
-        Returns the closed windows' summaries (and decisions on them) and the next
-        wall time at which the device's remaining windows may go idle.
+        ``tick_ms`` is when the tick was sent. The tick travels in the device's own
+        partition, behind every message received before it, so a series whose
+        last reading was received more than the idle timeout before ``tick_ms`` is
+        really idle. Returns the closed windows' summaries (and decisions on them)
+        and the next wall time at which the device's remaining windows may go idle.
         """
-        now_ms = self._clock_ms()
+        now_ms = tick_ms
         out = Outputs()
         raw_metrics = series_store.get(_metrics_key(device_id))
         metrics: list[str] = orjson.loads(raw_metrics) if raw_metrics else []
@@ -256,13 +284,14 @@ class Pipeline:
         series: _Series,
         rule_state: RuleState,
         now_ms: int,
+        received_ms: int,
         out: Outputs,
     ) -> bool:
         """Window, score and decide one reading; return True when it was late."""
-        added = series.tumbling.add(reading.time_ms, reading.value, now_ms)
+        added = series.tumbling.add(reading.time_ms, reading.value, received_ms)
         closed = list(added.closed)
         if series.hopping is not None:
-            hopped = series.hopping.add(reading.time_ms, reading.value, now_ms)
+            hopped = series.hopping.add(reading.time_ms, reading.value, received_ms)
             closed.extend(hopped.closed)
         if added.duplicate:
             self.counters.duplicates += 1
@@ -350,8 +379,8 @@ class Pipeline:
         )
 
     def _decode_series(self, raw: bytes, metric: str) -> _Series:
-        t_len, h_len, d_len = _LENGTHS.unpack_from(raw)
-        at = _LENGTHS.size
+        applied_offset, t_len, h_len, d_len = _HEADER.unpack_from(raw)
+        at = _HEADER.size
         tumbling = SeriesWindows.from_bytes(raw[at : at + t_len], self.config.window)
         at += t_len
         hopping = None
@@ -362,7 +391,7 @@ class Pipeline:
         at += h_len
         detector = restore_detector(self._spec_for(metric), raw[at : at + d_len])
         unit = raw[at + d_len :].decode() or None
-        return _Series(tumbling, hopping, detector, unit)
+        return _Series(tumbling, hopping, detector, unit, applied_offset)
 
     def _remember_metrics(
         self, store: StateStore, device_id: str, series: dict[str, _Series]

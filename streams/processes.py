@@ -21,9 +21,9 @@ def run_worker(settings: Settings) -> None:
     """Run the Faust worker (all agents, web server, exporter) until stopped."""
     import faust
 
-    from streams.app import TICKS_TOPIC, create_app
+    from streams.app import create_app
 
-    names = [settings.topic(n) for n in (*PIPELINE_TOPICS, TICKS_TOPIC)]
+    names = [settings.topic(n) for n in PIPELINE_TOPICS]
     # Faust creates its changelog and assignor topics itself, but a consumer group
     # assigned before they are visible keeps no partitions: create them first.
     internal = [
