@@ -289,9 +289,11 @@ def _run_pipeline(
         results.exported_points = collector.points
         results.exported_log_records = collector.log_records
         asyncio.run(_read_outputs(settings, run, results))
+    finally:
+        # Also after a failure: the prefix is unique, so nothing would reuse them;
+        # the processes' logs stay in the output folder.
         if not options.keep_topics:
             asyncio.run(_delete_own_topics(settings, run))
-    finally:
         shutil.rmtree(state_dir, ignore_errors=True)
     step = time.monotonic()
     results.offline = _score_offline(settings, options)
