@@ -55,18 +55,32 @@ class FlushingConsumer(faust_aiokafka.Consumer):  # type: ignore[misc]
     Faust writes table changelogs with ``send_soon`` (buffered) and sends agent
     output without waiting, yet commits source offsets on a timer. Without a
     flush a crash could keep a committed offset whose state change or output
-    never reached Kafka: the reading would be lost. Flushing the producer first
-    makes everything produced for the committed records durable.
+    never reached Kafka: the reading would be lost. Before each commit this
+    waits for what was produced until then (not for what the agent adds
+    meanwhile, which would starve the commit under load).
     """
 
     async def _commit_offsets(
         self, offsets: dict[TP, int], start_new_transaction: bool = True
     ) -> bool:
-        await self.app.producer.flush()
+        await _flush_produced_so_far(self.app.producer)
         result: bool = await super()._commit_offsets(
             offsets, start_new_transaction=start_new_transaction
         )
         return result
+
+
+async def _flush_produced_so_far(producer: Any) -> None:
+    """Hand Faust's buffered messages to aiokafka, then wait for their delivery."""
+    buffer = producer.buffer
+    remaining = buffer.size
+    while remaining > 0 and buffer.size > 0:
+        # flush_atmost gives up after a 0.1 s pause and says how many it sent.
+        remaining -= await buffer.flush_atmost(remaining)
+    kafka = getattr(producer, "_producer", None)
+    if kafka is not None:
+        # aiokafka waits for the batches that exist now, not for later ones.
+        await kafka.flush()
 
 
 def _now_ms() -> int:
@@ -151,6 +165,7 @@ class WorkerState:
     pipeline: Pipeline
     commands: CommandPublisher
     exporter: Any = None
+    export_failed: bool = False
     # device_id -> wall time (ms) when its open windows may be idle.
     idle_deadlines: dict[str, int] = field(default_factory=dict)
     started_at_ms: int = field(default_factory=_now_ms)
@@ -298,19 +313,36 @@ def create_app(settings: Settings) -> faust.App:
         if settings.export_enabled:
             from streams.export import ExportService
 
-            state.exporter = ExportService(settings)
-            await state.exporter.start()
+            exporter = ExportService(settings)
+            await exporter.start()
+            state.exporter = exporter
+            try:
+                await exporter.wait()
+            except Exception:
+                # Nothing is exported any more; /health reports it not ready.
+                logger.exception("export loop stopped; nothing more is exported")
+                state.export_failed = True
+                raise
+
+    @app.on_before_shutdown.connect
+    async def stop_companions(app: faust.App, **kwargs: Any) -> None:
+        exporter, state.exporter = state.exporter, None
+        if exporter is not None:
+            await exporter.stop()  # a batch in flight stays uncommitted: re-sent
+        await asyncio.to_thread(state.commands.stop)
 
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
             assigned = len(app.consumer.assignment()) if app.consumer else 0
             kafka_ok = await _kafka_reachable(app)
-            ready = kafka_ok and assigned > 0 and not app.rebalancing
+            export_ok = not state.export_failed
+            ready = kafka_ok and assigned > 0 and not app.rebalancing and export_ok
             body = {
                 "live": True,
                 "ready": ready,
                 "kafka_reachable": kafka_ok,
+                "export_alive": export_ok,
                 "assigned_partitions": assigned,
                 "rebalancing": bool(app.rebalancing),
             }

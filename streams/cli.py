@@ -24,6 +24,8 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per HTTP request is noise at INFO; the exporter logs what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:

@@ -284,9 +284,17 @@ class LocalStack:
             self.say(f"{server.name:<10} already running")
             return
         if _port_open(server.port):
+            if server.ready():
+                # Another checkout's stack (or the user's own server) answers here:
+                # use it, and leave it alone on `down`.
+                self.say(
+                    f"{server.name:<10} already answering on 127.0.0.1:{server.port}"
+                    " (not started by this stack; left alone)"
+                )
+                return
             raise StackError(
-                f"port 127.0.0.1:{server.port} is taken by a process this stack did"
-                f" not start; stop it or choose another port for {server.name}"
+                f"port 127.0.0.1:{server.port} is taken by a process that is not a"
+                f" working {server.name}; stop it or choose another port"
             )
         with (self.log_dir / f"{server.name}.log").open("ab") as log:
             # Detached on purpose: the server outlives this command; `down` stops it
@@ -305,6 +313,8 @@ class LocalStack:
     def _wait_ready(self, server: Server) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
+            if server.ready():
+                return
             if self._pid(server.name) is None:
                 raise StackError(
                     f"{server.name} exited during start-up; see "
