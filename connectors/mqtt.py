@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -253,7 +254,7 @@ class Bridge:
 
     def _new_client(self) -> mqtt.Client:
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,
@@ -284,7 +285,7 @@ class Bridge:
             logger.debug("MQTT disconnect at stop failed", exc_info=True)
 
     def _connect_with_backoff(self, client: mqtt.Client) -> None:
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self._session_expiry_s
         properties.ReceiveMaximum = self._max_inflight
         retrying = Retrying(
@@ -355,7 +356,7 @@ class Bridge:
     ) -> None:
         inbound = _Inbound(
             topic=message.topic,
-            payload=message.payload,
+            payload=bytes(message.payload),
             qos=message.qos,
             retain=message.retain,
             mid=message.mid,
@@ -508,13 +509,13 @@ class CommandPublisher:
         self._host = host
         self._port = port
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
             clean_session=True,
         )
         self._client.max_queued_messages_set(max_queued)
-        self._client.reconnect_delay_set(min_delay=0.2, max_delay=10)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.published = 0
         self.dropped = 0
 

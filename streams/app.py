@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 TICK_HEADER = "edge_tick"
 
 
-class FlushingConsumer(faust_aiokafka.Consumer):  # type: ignore[misc]
+class FlushingConsumer(faust_aiokafka.Consumer):
     """Faust's Kafka consumer, but offsets are committed only after a flush.
 
     Faust writes table changelogs with ``send_soon`` (buffered) and sends agent
@@ -61,7 +62,7 @@ class FlushingConsumer(faust_aiokafka.Consumer):  # type: ignore[misc]
     """
 
     async def _commit_offsets(
-        self, offsets: dict[TP, int], start_new_transaction: bool = True
+        self, offsets: Mapping[TP, int], start_new_transaction: bool = True
     ) -> bool:
         await _flush_produced_so_far(self.app.producer)
         result: bool = await super()._commit_offsets(
@@ -99,8 +100,7 @@ def load_ruleset(settings: Settings) -> RuleSet:
     except RuleSetError as exc:
         problems = "\n".join(str(p) for p in exc.problems)
         raise ConfigError(
-            f"EDGE_RULES_FILE={path} is invalid; the worker does not start:\n"
-            f"{problems}"
+            f"EDGE_RULES_FILE={path} is invalid; the worker does not start:\n{problems}"
         ) from exc
     except OSError as exc:
         raise ConfigError(f"EDGE_RULES_FILE={path} cannot be read: {exc}") from exc
@@ -127,9 +127,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
                 allowed_lateness_ms=round(settings.allowed_lateness_s * 1000),
             )
     except ValueError as exc:
-        raise ConfigError(
-            f"EDGE_WINDOW_SIZE_S / EDGE_HOPPING_WINDOW_*: {exc}"
-        ) from exc
+        raise ConfigError(f"EDGE_WINDOW_SIZE_S / EDGE_HOPPING_WINDOW_*: {exc}") from exc
     by_metric = {
         metric: DetectorSpec(name)
         for metric, name in settings.metric_map("detectors_by_metric").items()
@@ -209,7 +207,7 @@ def create_app(settings: Settings) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
     )
-    app.transport.Consumer = FlushingConsumer
+    app.transport.Consumer = FlushingConsumer  # type: ignore[misc]
     raw_topic = app.topic(
         settings.topic("telemetry-raw"), key_serializer="raw", value_serializer="raw"
     )
@@ -286,7 +284,7 @@ def create_app(settings: Settings) -> faust.App:
 
     tick_interval_s = max(0.2, min(settings.idle_timeout_s / 4, 5.0))
 
-    @app.timer(interval=tick_interval_s)
+    @app.timer(interval=tick_interval_s)  # type: ignore[untyped-decorator]
     async def send_idle_ticks() -> None:
         now_ms = _now_ms()
         if not state.idle_deadlines and len(series):
@@ -307,7 +305,7 @@ def create_app(settings: Settings) -> faust.App:
             )
         _update_rate(state, now_ms)
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def start_companions() -> None:
         await asyncio.to_thread(state.commands.start)
         if settings.export_enabled:
@@ -324,7 +322,7 @@ def create_app(settings: Settings) -> faust.App:
                 state.export_failed = True
                 raise
 
-    @app.on_before_shutdown.connect
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def stop_companions(app: faust.App, **kwargs: Any) -> None:
         exporter, state.exporter = state.exporter, None
         if exporter is not None:
@@ -410,7 +408,7 @@ def _send_command(commands: CommandPublisher, decision: Decision) -> None:
 
 async def _kafka_reachable(app: faust.App) -> bool:
     try:
-        client = app.producer._producer.client  # noqa: SLF001 - aiokafka client
+        client = app.producer._producer.client  # type: ignore[attr-defined]
         return bool(await client.ready(client.get_random_node()))
     except (KafkaError, AttributeError, OSError, TypeError):
         return False

@@ -28,7 +28,7 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _settings(ctx: click.Context, **flags: Any) -> Settings:
+def _settings(ctx: click.Context, /, **flags: Any) -> Settings:
     try:
         return load_settings(**ctx.obj.get("flags", {}), **flags)
     except ConfigError as exc:
@@ -91,7 +91,7 @@ def _stack_options(func: Any) -> Any:
 @stack.command("up")
 @_stack_options
 @click.pass_context
-def stack_up(ctx: click.Context, **flags: Any) -> None:
+def stack_up(ctx: click.Context, /, **flags: Any) -> None:
     """Install what is missing, start the servers, wait until each answers."""
     from streams.stack import LocalStack
 
@@ -105,7 +105,7 @@ def stack_up(ctx: click.Context, **flags: Any) -> None:
 @stack.command("down")
 @_stack_options
 @click.pass_context
-def stack_down(ctx: click.Context, **flags: Any) -> None:
+def stack_down(ctx: click.Context, /, **flags: Any) -> None:
     """Stop the servers this stack started, by pid."""
     from streams.stack import LocalStack
 
@@ -115,7 +115,7 @@ def stack_down(ctx: click.Context, **flags: Any) -> None:
 @stack.command("status")
 @_stack_options
 @click.pass_context
-def stack_status(ctx: click.Context, **flags: Any) -> None:
+def stack_status(ctx: click.Context, /, **flags: Any) -> None:
     """Say which server runs where; exit 1 when one is stopped."""
     from streams.stack import main_status
 
@@ -133,7 +133,7 @@ def stack_status(ctx: click.Context, **flags: Any) -> None:
     "--bridge-max-payload-bytes", type=int, help="[env EDGE_BRIDGE_MAX_PAYLOAD_BYTES]"
 )
 @click.pass_context
-def bridge(ctx: click.Context, **flags: Any) -> None:
+def bridge(ctx: click.Context, /, **flags: Any) -> None:
     """Move MQTT telemetry into Kafka's telemetry-raw topic (QoS 1, no loss)."""
     from streams.processes import run_bridge
 
@@ -146,13 +146,18 @@ def bridge(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command("worker")
-@click.option("--worker-id", help="this worker's id, for its data folder [env EDGE_WORKER_ID]")
+@click.option(
+    "--worker-id", help="this worker's id, for its data folder [env EDGE_WORKER_ID]"
+)
 @click.option("--web-port", type=int, help="Faust web server port [env EDGE_WEB_PORT]")
-@click.option("--rules-file", type=click.Path(path_type=Path, exists=True),
-              help="rules YAML file [env EDGE_RULES_FILE]")
+@click.option(
+    "--rules-file",
+    type=click.Path(path_type=Path, exists=True),
+    help="rules YAML file [env EDGE_RULES_FILE]",
+)
 @click.option("--window-size-s", type=float, help="[env EDGE_WINDOW_SIZE_S]")
 @click.pass_context
-def worker(ctx: click.Context, **flags: Any) -> None:
+def worker(ctx: click.Context, /, **flags: Any) -> None:
     """Run the Faust worker: readings, windows, anomalies, decisions, export."""
     from streams.processes import run_worker
 
@@ -169,8 +174,13 @@ def worker(ctx: click.Context, **flags: Any) -> None:
 
 @main.command("replay")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--speed", type=float, default=0.0, show_default=True,
-              help="event-time speed-up factor; 0 publishes as fast as possible")
+@click.option(
+    "--speed",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="event-time speed-up factor; 0 publishes as fast as possible",
+)
 @click.option("--device-id", help="device id (one file only); default: file name")
 @click.option("--metric", help="metric name; default: guessed from the file name")
 @click.option("--limit", type=int, help="publish at most N rows per file")
@@ -248,7 +258,9 @@ def rules_check(file: Path) -> None:
     help="retry delay cap while the endpoint is unreachable",
 )
 @click.pass_context
-def export(ctx: click.Context, unreachable_max_backoff_s: float, **flags: Any) -> None:
+def export(
+    ctx: click.Context, /, unreachable_max_backoff_s: float, **flags: Any
+) -> None:
     """Export window summaries, anomalies and decisions as OTLP, then commit."""
     import asyncio
 

@@ -385,7 +385,9 @@ class Pipeline:
         at += t_len
         hopping = None
         if self.config.hopping is not None and h_len:
-            hopping = SeriesWindows.from_bytes(raw[at : at + h_len], self.config.hopping)
+            hopping = SeriesWindows.from_bytes(
+                raw[at : at + h_len], self.config.hopping
+            )
         elif self.config.hopping is not None:
             hopping = SeriesWindows(self.config.hopping)
         at += h_len

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from tqdm import tqdm
 
 from models.csvseries import SeriesRow, read_series_rows
@@ -119,7 +120,7 @@ def replay_files(
         series.append((device_id or device_for(path), metric or metric_for(path), rows))
     total = sum(len(rows) for _, _, rows in series)
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.max_inflight_messages_set(MAX_UNACKED)
     unacked = threading.Semaphore(MAX_UNACKED)
     client.on_publish = lambda *args: unacked.release()

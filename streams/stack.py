@@ -180,7 +180,9 @@ class LocalStack:
             '<Root level="WARN"><AppenderRef ref="out"/></Root></Loggers>'
             "</Configuration>\n"
         )
-        java = _require("java", "install a JDK 17+, e.g. apt-get install openjdk-17-jre")
+        java = _require(
+            "java", "install a JDK 17+, e.g. apt-get install openjdk-17-jre"
+        )
         classpath = f"{lib}/*"
         jvm = [java, "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}"]
         if not (data / "meta.properties").exists():
@@ -469,8 +471,9 @@ def _mqtt_answers(port: int) -> bool:
     if not _port_open(port):
         return False
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="")
     try:
         client.connect("127.0.0.1", port, keepalive=5)
         client.disconnect()

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -57,12 +58,12 @@ def _payloads(n_messages: int, payload_bytes: int) -> list[bytes]:
 
 def _client(client_id: str) -> mqtt.Client:
     return mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
     )
 
 
 def _connect_properties(expiry_s: int) -> Properties:
-    properties = Properties(PacketTypes.CONNECT)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = expiry_s
     return properties
 
@@ -101,7 +102,7 @@ def _close_session(run: BenchRun, client_id: str) -> None:
 
 def _publish(run: BenchRun, payloads: list[bytes]) -> None:
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=run.client_id("publisher"),
         protocol=mqtt.MQTTv311,
     )

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer
+from paho.mqtt.enums import CallbackAPIVersion
 
 from streams.bench import BenchFigure
 from streams.bench.live import (
@@ -126,7 +127,7 @@ class _DecisionReader(threading.Thread):
 
 def _publisher(run: BenchRun, role: str) -> mqtt.Client:
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=run.client_id(role),
         protocol=mqtt.MQTTv311,
     )
@@ -162,7 +163,7 @@ def _bare_latencies_ms(run: BenchRun, n: int, rate_per_s: float) -> list[float]:
     arrived_ns: dict[int, int] = {}
     subscribed = threading.Event()
     subscriber = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=run.client_id("bare"),
         protocol=mqtt.MQTTv311,
     )

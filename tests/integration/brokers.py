@@ -40,7 +40,9 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_until(predicate: Any, *, timeout_s: float, what: str, every_s: float = 0.2) -> None:
+def wait_until(
+    predicate: Any, *, timeout_s: float, what: str, every_s: float = 0.2
+) -> None:
     """Poll ``predicate`` until true; fail naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -93,7 +95,9 @@ class Processes:
         self.log_dir = log_dir
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, args: list[str], env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "streams", *args],
@@ -159,8 +163,11 @@ class Publisher:
         self.client.publish(topic, payload, qos=qos)
 
     def wait_acked(self, count: int, timeout_s: float = 60.0) -> None:
-        wait_until(lambda: self.acked >= count, timeout_s=timeout_s,
-                   what=f"{count} MQTT publishes acknowledged (have {self.acked})")
+        wait_until(
+            lambda: self.acked >= count,
+            timeout_s=timeout_s,
+            what=f"{count} MQTT publishes acknowledged (have {self.acked})",
+        )
 
     def close(self) -> None:
         self.client.disconnect()
@@ -177,7 +184,9 @@ class Record:
     headers: dict[str, bytes]
 
 
-def consume(topics: Iterable[str], *, until: Any, timeout_s: float = 60.0) -> list[Record]:
+def consume(
+    topics: Iterable[str], *, until: Any, timeout_s: float = 60.0
+) -> list[Record]:
     """Read ``topics`` from the beginning until ``until(records)`` or timeout."""
     return asyncio.run(_consume(list(topics), until, timeout_s))
 
@@ -198,8 +207,14 @@ async def _consume(topics: list[str], until: Any, timeout_s: float) -> list[Reco
             batch = await consumer.getmany(timeout_ms=500)
             for messages in batch.values():
                 records.extend(
-                    Record(m.topic, m.partition, m.offset, m.key, m.value,
-                           dict(m.headers or ()))
+                    Record(
+                        m.topic,
+                        m.partition,
+                        m.offset,
+                        m.key,
+                        m.value,
+                        dict(m.headers or ()),
+                    )
                     for m in messages
                 )
     finally:

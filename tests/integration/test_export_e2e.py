@@ -465,9 +465,7 @@ async def delete_own_topics(names: list[str]) -> None:
 
 
 @pytest.fixture
-def worker_for(
-    run: Run, processes: Processes, tmp_path: Path
-) -> Iterator[Any]:
+def worker_for(run: Run, processes: Processes, tmp_path: Path) -> Iterator[Any]:
     """Build this run's worker with extra environment; delete its topics after."""
 
     def make(**extra_env: str) -> Worker:
@@ -629,8 +627,10 @@ def test_worker_export_survives_outage_then_busy_receiver_with_bounded_memory(
         receiver.listen()
         busy_since = time.monotonic()
         wait_until(
-            lambda: len(receiver.busy_arrivals()) >= BUSY_ANSWERS_MIN
-            and time.monotonic() - busy_since >= BUSY_S,
+            lambda: (
+                len(receiver.busy_arrivals()) >= BUSY_ANSWERS_MIN
+                and time.monotonic() - busy_since >= BUSY_S
+            ),
             timeout_s=BUSY_PHASE_MAX_S,
             what=f"{BUSY_ANSWERS_MIN} requests answered 503",
         )

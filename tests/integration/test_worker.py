@@ -1,4 +1,4 @@
-"""The Faust worker against real Mosquitto, bridge and Kafka: exact, durable, on time."""
+"""The Faust worker against real Mosquitto, bridge and Kafka: exact and durable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -93,8 +92,11 @@ def _start_pipeline(
     started = [Worker(processes, run, f"w{i + 1}", env) for i in range(workers)]
     for worker in started:
         worker.wait_ready()
-    wait_until(lambda: "MQTT connected" in processes.log("bridge"), timeout_s=60,
-               what="the bridge to subscribe")
+    wait_until(
+        lambda: "MQTT connected" in processes.log("bridge"),
+        timeout_s=60,
+        what="the bridge to subscribe",
+    )
     return started
 
 
@@ -103,7 +105,9 @@ def _send(publisher: Publisher, run: Run, device: str, body: Any) -> None:
     publisher.publish(run.mqtt_topic(device), payload)
 
 
-def _reference(readings: list[tuple[str, int, float]]) -> dict[tuple[str, int], dict[str, Any]]:
+def _reference(
+    readings: list[tuple[str, int, float]],
+) -> dict[tuple[str, int], dict[str, Any]]:
     """Window summaries computed naively from the distinct readings."""
     by_window: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
     for device, time_ms, value in set(readings):
@@ -137,7 +141,9 @@ def _summaries(
     return found
 
 
-def _stream(devices: int, per_device: int, seed: int) -> tuple[list[tuple[str, int, float]], list[tuple[str, int, float]]]:
+def _stream(
+    devices: int, per_device: int, seed: int
+) -> tuple[list[tuple[str, int, float]], list[tuple[str, int, float]]]:
     """Readings every 10 s; 5% sent twice and 5% swapped with their successor."""
     rng = random.Random(seed)
     readings: list[tuple[str, int, float]] = []
@@ -145,8 +151,10 @@ def _stream(devices: int, per_device: int, seed: int) -> tuple[list[tuple[str, i
     per_dev: dict[str, list[tuple[str, int, float]]] = {}
     for d in range(devices):
         device = f"dev{d:02d}"
-        series = [(device, T0 + i * 10_000, round(rng.uniform(0, 100), 3))
-                  for i in range(per_device)]
+        series = [
+            (device, T0 + i * 10_000, round(rng.uniform(0, 100), 3))
+            for i in range(per_device)
+        ]
         readings.extend(series)
         order = list(series)
         for i in range(len(order) - 1):
@@ -177,8 +185,11 @@ def test_worker_windows_are_exact_with_duplicates_and_shuffles(
     for device, time_ms, value in sent:
         _send(publisher, run, device, {"time": time_ms, "level": value})
     publisher.wait_acked(len(sent), timeout_s=120)
-    records = consume([run.topic("window-summaries")],
-                      until=lambda rs: len(_summaries(rs)) >= len(reference), timeout_s=180)
+    records = consume(
+        [run.topic("window-summaries")],
+        until=lambda rs: len(_summaries(rs)) >= len(reference),
+        timeout_s=180,
+    )
     publisher.close()
 
     assert len(reference) == 20 * 100
@@ -201,8 +212,9 @@ def test_worker_dead_letters_late_reading_and_closes_quiet_device_after_idle_tim
     _send(publisher, run, "quiet", {"time": T0 + 10_000, "level": 9.0})  # 190 s late
     publisher.wait_acked(5)
     letters = consume([run.topic("dead-letters")], until=lambda rs: len(rs) >= 1)
-    records = consume([run.topic("window-summaries")], until=lambda rs: len(rs) >= 3,
-                      timeout_s=30)
+    records = consume(
+        [run.topic("window-summaries")], until=lambda rs: len(rs) >= 3, timeout_s=30
+    )
     publisher.close()
 
     [letter] = [orjson.loads(r.value) for r in letters]
@@ -211,10 +223,12 @@ def test_worker_dead_letters_late_reading_and_closes_quiet_device_after_idle_tim
         f'reading "level" at time_ms={T0 + 10_000} is late: its window already'
         f" closed (allowed lateness {LATENESS_S} s, EDGE_ALLOWED_LATENESS_S)"
     )
-    summaries = sorted((orjson.loads(r.value) for r in records),
-                       key=lambda s: s["window_start_ms"])
-    assert [(s["window_start_ms"] - T0, s["count"], s["closed_by"]) for s in summaries] == [
-        (0, 2, "watermark"), (60_000, 1, "watermark"), (180_000, 1, "idle")]
+    summaries = sorted(
+        (orjson.loads(r.value) for r in records), key=lambda s: s["window_start_ms"]
+    )
+    assert [
+        (s["window_start_ms"] - T0, s["count"], s["closed_by"]) for s in summaries
+    ] == [(0, 2, "watermark"), (60_000, 1, "watermark"), (180_000, 1, "idle")]
     assert worker.counters()["late"] == 1
 
 
@@ -224,9 +238,18 @@ def test_worker_puts_one_instant_in_every_time_format_into_one_window(
     _start_pipeline(processes, run)
     publisher = Publisher()
     instant_ms = T0 + 12_345
-    rfc3339 = datetime.fromtimestamp(instant_ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
-    times: list[Any] = [instant_ms / 1000, instant_ms, instant_ms * 1000,
-                        instant_ms * 1_000_000, rfc3339]
+    rfc3339 = (
+        datetime.fromtimestamp(instant_ms / 1000, tz=UTC)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+    times: list[Any] = [
+        instant_ms / 1000,
+        instant_ms,
+        instant_ms * 1000,
+        instant_ms * 1_000_000,
+        rfc3339,
+    ]
 
     for i, when in enumerate(times):
         _send(publisher, run, "clock", {"time": when, "level": float(i + 1)})
@@ -238,7 +261,10 @@ def test_worker_puts_one_instant_in_every_time_format_into_one_window(
 
     first = orjson.loads(records[0].value)
     assert (first["window_start_ms"], first["count"], first["sum"]) == (T0, 5, 15.0)
-    assert sorted(orjson.loads(r.value)["time_ms"] for r in readings)[:5] == [instant_ms] * 5
+    assert (
+        sorted(orjson.loads(r.value)["time_ms"] for r in readings)[:5]
+        == [instant_ms] * 5
+    )
 
 
 def test_worker_killed_mid_stream_keeps_windows_exact_and_cooldowns(
@@ -262,8 +288,11 @@ def test_worker_killed_mid_stream_keeps_windows_exact_and_cooldowns(
     half = len(sent) // 2
     for device, time_ms, value in sent[:half]:
         _send(publisher, run, device, {"time": time_ms, "level": value})
-    wait_until(lambda: w1.counters()["readings"] + w2.counters()["readings"] > half // 3,
-               timeout_s=60, what="both workers to make progress")
+    wait_until(
+        lambda: w1.counters()["readings"] + w2.counters()["readings"] > half // 3,
+        timeout_s=60,
+        what="both workers to make progress",
+    )
     processes.kill9(w2.process)
     for device, time_ms, value in sent[half:]:
         _send(publisher, run, device, {"time": time_ms, "level": value})
@@ -272,14 +301,19 @@ def test_worker_killed_mid_stream_keeps_windows_exact_and_cooldowns(
     for device, _, value in hot:  # within the cooldown: must be suppressed
         _send(publisher, run, device, {"time": T0 + 2_900_000, "hot": value})
     publisher.wait_acked(len(sent) + 2 * len(hot), timeout_s=120)
-    records = consume([run.topic("window-summaries")],
-                      until=lambda rs: len(_summaries(rs)) >= len(reference), timeout_s=240)
+    records = consume(
+        [run.topic("window-summaries")],
+        until=lambda rs: len(_summaries(rs)) >= len(reference),
+        timeout_s=240,
+    )
     decisions = consume([run.topic("decisions")], until=lambda rs: False, timeout_s=5)
     publisher.close()
 
     assert _summaries(records) == reference
-    fired = {(d["rule_id"], d["device_id"], d["time_ms"])
-             for d in (orjson.loads(r.value) for r in decisions)}
+    fired = {
+        (d["rule_id"], d["device_id"], d["time_ms"])
+        for d in (orjson.loads(r.value) for r in decisions)
+    }
     assert fired == {("overheat", device, T0 + 5_000) for device, _, _ in hot}
 
 
@@ -294,13 +328,18 @@ def test_worker_flags_spike_and_scores_like_score_csv(
         rows.append(f"{stamp:%Y-%m-%d %H:%M:%S},{value:.4f}")
     steady.write_text("\n".join(rows) + "\n")
     nab = PROJECT_ROOT / "data/nab/data/artificialWithAnomaly/art_daily_jumpsup.csv"
-    _start_pipeline(processes, run, EDGE_ANOMALY_THRESHOLDS_BY_METRIC="level=0.000001,jumps=0.000001")
+    _start_pipeline(
+        processes,
+        run,
+        EDGE_ANOMALY_THRESHOLDS_BY_METRIC="level=0.000001,jumps=0.000001",
+    )
     env = run.env()
 
     for path, device, metric in ((steady, "steady", "level"), (nab, "jumps", "jumps")):
         subprocess.run(
-            [sys.executable, "-m", "streams", "replay", str(path), "--device-id", device,
-             "--metric", metric, "--limit", "1500", "--no-progress"],
+            [sys.executable, "-m", "streams", "replay", str(path),
+             "--device-id", device, "--metric", metric, "--limit", "1500",
+             "--no-progress"],
             cwd=PROJECT_ROOT, env=env, check=True, capture_output=True,
         )  # fmt: skip
     expected = {}
@@ -308,11 +347,13 @@ def test_worker_flags_spike_and_scores_like_score_csv(
         scored = list(score_csv(path, DetectorSpec()))[:1500]
         expected[device] = {
             int(datetime.fromisoformat(t).replace(tzinfo=UTC).timestamp() * 1000): s
-            for t, _, s in scored if s >= 0.000001
+            for t, _, s in scored
+            if s >= 0.000001
         }
     total = sum(len(v) for v in expected.values())
-    records = consume([run.topic("anomalies")], until=lambda rs: len(rs) >= total,
-                      timeout_s=120)
+    records = consume(
+        [run.topic("anomalies")], until=lambda rs: len(rs) >= total, timeout_s=120
+    )
 
     got: dict[str, dict[int, float]] = defaultdict(dict)
     for record in records:
@@ -370,12 +411,17 @@ rules:
 
     decisions = [orjson.loads(r.value) for r in records]
     assert [(d["rule_id"], d["time_ms"] - T0) for d in decisions] == [
-        ("warm", 0), ("hot", 10_000), ("hot", 700_000), ("warm", 710_000)]
+        ("warm", 0),
+        ("hot", 10_000),
+        ("hot", 700_000),
+        ("warm", 710_000),
+    ]
     assert decisions[1]["priority"] == 90 and decisions[1]["action"] == "cool_down"
     assert worker.counters()["suppressed"] == 1
     assert [orjson.loads(p) for _, p in commands] == [
         {"cmd": "cool_down", "device": "boiler", "value": 90.0},
-        {"cmd": "cool_down", "device": "boiler", "value": 95.0}]
+        {"cmd": "cool_down", "device": "boiler", "value": 95.0},
+    ]
     assert {t for t, _ in commands} == {f"t{run.id}/devices/boiler/commands"}
 
 
@@ -383,7 +429,10 @@ def test_worker_refuses_to_start_with_an_invalid_rules_file(
     run: Run, tmp_path: Path
 ) -> None:
     rules = tmp_path / "bad.yaml"
-    rules.write_text("version: 1\nrules:\n  - id: x\n    when: {field: value, op: '=>', threshold: 1}\n    action: a\n")
+    rules.write_text(
+        "version: 1\nrules:\n  - id: x\n"
+        "    when: {field: value, op: '=>', threshold: 1}\n    action: a\n"
+    )
 
     result = subprocess.run(
         [sys.executable, "-m", "streams", "worker", "--rules-file", str(rules)],
@@ -428,8 +477,12 @@ def test_worker_dead_letters_bad_input_and_the_stream_goes_on(
     assert len(reasons) == len(bad)
     assert sum("must be JSON" in r for r in reasons) == 3  # truncated, NaN, Infinity
     assert 'field "level" must be a finite number, got str' in reasons
-    assert any('field "level" must be a number of magnitude below 2^64' in r for r in reasons)
-    assert any(r.startswith('field "time" must be at or after 2000-01-01') for r in reasons)
+    assert any(
+        'field "level" must be a number of magnitude below 2^64' in r for r in reasons
+    )
+    assert any(
+        r.startswith('field "time" must be at or after 2000-01-01') for r in reasons
+    )
     assert 'field "level" must appear once, got it several times' in reasons
     assert any("got str" in r and 'field "payload"' in r for r in reasons)
     assert any("UTF-8" in r for r in reasons)
