@@ -43,6 +43,7 @@ from models.rules import RuleSet, RuleSetError, load_rules
 from models.windows import WindowSpec
 from streams.config import PROJECT_RULES_DIR, ConfigError, Settings
 from streams.pipeline import Outputs, Pipeline, PipelineConfig
+from streams.tablestore import WriteBackStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class FlushingConsumer(faust_aiokafka.Consumer):
     async def _commit_offsets(
         self, offsets: Mapping[TP, int], start_new_transaction: bool = True
     ) -> bool:
+        state = getattr(self.app, "edge_state", None)
+        if state is not None:
+            state.flush_tables()
         await _flush_produced_so_far(self.app.producer)
         result: bool = await super()._commit_offsets(
             offsets, start_new_transaction=start_new_transaction
@@ -164,12 +168,18 @@ class WorkerState:
     commands: CommandPublisher
     exporter: Any = None
     export_failed: bool = False
+    stores: list[WriteBackStore] = field(default_factory=list)
     # device_id -> wall time (ms) when its open windows may be idle.
     idle_deadlines: dict[str, int] = field(default_factory=dict)
     started_at_ms: int = field(default_factory=_now_ms)
     last_rate_at_ms: int = field(default_factory=_now_ms)
     last_rate_readings: int = 0
     readings_per_s: float = 0.0
+
+    def flush_tables(self) -> None:
+        """Write the buffered state changes to the tables' changelogs."""
+        for store in self.stores:
+            store.flush()
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -227,7 +237,10 @@ def create_app(settings: Settings) -> faust.App:
         "devices", default=None, key_type=bytes, value_type=bytes,
         partitions=settings.partitions,
     )  # fmt: skip
+    series_store = WriteBackStore(series)
+    device_store = WriteBackStore(devices)
     state = WorkerState(
+        stores=[series_store, device_store],
         pipeline=Pipeline(config, clock_ms=_now_ms),
         commands=CommandPublisher(
             host=settings.mqtt_host,
@@ -261,13 +274,14 @@ def create_app(settings: Settings) -> faust.App:
             message = event.message
             key = message.key or b""
             device_id = key.decode(errors="replace")
+            series_store.partition = device_store.partition = message.partition
             tick_ms = _tick_ms(message.headers)
             if tick_ms is not None:
                 out = state.pipeline.close_idle(
                     device_id=device_id,
                     tick_ms=tick_ms,
-                    series_store=series,
-                    device_store=devices,
+                    series_store=series_store,
+                    device_store=device_store,
                 )
             else:
                 out = state.pipeline.process_raw(
@@ -277,8 +291,8 @@ def create_app(settings: Settings) -> faust.App:
                     source=f"kafka:{message.topic}",
                     partition=message.partition,
                     offset=message.offset,
-                    series_store=series,
-                    device_store=devices,
+                    series_store=series_store,
+                    device_store=device_store,
                 )
             await emit(device_id, key, out)
 
@@ -287,12 +301,12 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=tick_interval_s)  # type: ignore[untyped-decorator]
     async def send_idle_ticks() -> None:
         now_ms = _now_ms()
-        if not state.idle_deadlines and len(series):
+        if not state.idle_deadlines and len(series_store):
             # After a start or rebalance: learn the deadlines from the tables.
-            for raw_key in list(series.keys()):
+            for raw_key in list(series_store):
                 if raw_key.endswith(b"\x1f"):
                     device_id = raw_key[:-1].decode()
-                    deadline = state.pipeline.device_deadline(device_id, series)
+                    deadline = state.pipeline.device_deadline(device_id, series_store)
                     if deadline is not None:
                         state.idle_deadlines[device_id] = deadline
         due = [d for d, deadline in state.idle_deadlines.items() if deadline <= now_ms]
@@ -322,8 +336,16 @@ def create_app(settings: Settings) -> faust.App:
                 state.export_failed = True
                 raise
 
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def drop_unwritten_state(app: faust.App, *args: Any, **kwargs: Any) -> None:
+        # Offsets are committed only after a flush of the stores, so what is still
+        # buffered belongs to records the next owner reads again.
+        for store in state.stores:
+            store.discard()
+        state.idle_deadlines.clear()
+
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
-    async def stop_companions(app: faust.App, **kwargs: Any) -> None:
+    async def stop_companions(app: faust.App, *args: Any, **kwargs: Any) -> None:
         exporter, state.exporter = state.exporter, None
         if exporter is not None:
             await exporter.stop()  # a batch in flight stays uncommitted: re-sent

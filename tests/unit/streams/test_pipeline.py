@@ -1,0 +1,197 @@
+"""The worker's per-message step and its write-back state, without Kafka."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from models.detectors import DetectorSpec
+from models.rules import parse_rules
+from models.windows import WindowSpec
+from streams.pipeline import Pipeline, PipelineConfig
+from streams.tablestore import WriteBackStore
+
+T0 = 1_700_000_040_000  # a minute boundary
+NOW = T0 + 3600_000
+
+RULES = """
+version: 1
+rules:
+  - id: hot
+    match: {metric: temp}
+    when: {field: value, op: '>', threshold: 90}
+    priority: 10
+    cooldown_s: 600
+    action: cool_down
+"""
+
+
+def _pipeline(lateness_ms: int = 10_000) -> Pipeline:
+    config = PipelineConfig(
+        window=WindowSpec(
+            size_ms=60_000, idle_timeout_ms=5_000, allowed_lateness_ms=lateness_ms
+        ),
+        hopping=None,
+        detector=DetectorSpec(),
+        detector_by_metric={},
+        threshold=0.99,
+        threshold_by_metric={},
+        max_clock_skew_ms=300_000,
+        ruleset=parse_rules(RULES),
+    )
+    return Pipeline(config, clock_ms=lambda: NOW)
+
+
+def _raw(pipeline: Pipeline, stores: tuple[Any, Any], body: Any, offset: int,
+         received_ms: int = NOW) -> Any:  # fmt: skip
+    series, devices = stores
+    return pipeline.process_raw(
+        device_id="d1",
+        payload=body if isinstance(body, bytes) else orjson.dumps(body),
+        received_ms=received_ms,
+        source="kafka:telemetry-raw",
+        partition=0,
+        offset=offset,
+        series_store=series,
+        device_store=devices,
+    )
+
+
+def test_pipeline_closes_window_when_watermark_passes_end_plus_lateness() -> None:
+    pipeline, stores = _pipeline(), ({}, {})
+
+    _raw(pipeline, stores, {"time": T0, "temp": 1.0}, 0)
+    _raw(pipeline, stores, {"time": T0 + 59_999, "temp": 3.0}, 1)
+    early = _raw(pipeline, stores, {"time": T0 + 69_999, "temp": 5.0}, 2)
+    closing = _raw(pipeline, stores, {"time": T0 + 70_000, "temp": 7.0}, 3)
+
+    assert early.summaries == []
+    [summary] = closing.summaries
+    assert (summary.window_start_ms, summary.count, summary.sum, summary.last) == (
+        T0,
+        2,
+        4.0,
+        3.0,
+    )
+
+
+def test_pipeline_skips_a_record_replayed_from_an_applied_offset() -> None:
+    pipeline, stores = _pipeline(), ({}, {})
+    _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 7)
+
+    again = _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 7)
+
+    assert again.readings == [] and again.decisions == [] and again.dead_letters == []
+    assert pipeline.counters.replayed == 1
+    assert pipeline.counters.readings == 1 and pipeline.counters.decisions == 1
+
+
+def test_pipeline_counts_a_redelivered_reading_once() -> None:
+    pipeline, stores = _pipeline(), ({}, {})
+
+    _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 1)
+    duplicate = _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 2)
+
+    assert duplicate.readings == [] and duplicate.decisions == []
+    assert pipeline.counters.duplicates == 1
+
+
+def test_pipeline_dead_letters_late_reading_with_field_and_reason() -> None:
+    pipeline, stores = _pipeline(lateness_ms=0), ({}, {})
+    _raw(pipeline, stores, {"time": T0 + 120_000, "temp": 1.0}, 1)
+
+    late = _raw(pipeline, stores, {"time": T0, "temp": 2.0}, 2)
+
+    [letter] = late.dead_letters
+    assert (letter.stage, letter.field, letter.offset) == ("window", "temp", 2)
+    assert letter.reason.startswith(f'reading "temp" at time_ms={T0} is late')
+
+
+def test_pipeline_keeps_good_metrics_of_a_message_with_a_bad_one() -> None:
+    pipeline, stores = _pipeline(), ({}, {})
+
+    out = _raw(pipeline, stores, {"time": T0, "temp": 1.0, "rpm": "fast"}, 1)
+
+    assert [r.metric for r in out.readings] == ["temp"]
+    [letter] = out.dead_letters
+    assert letter.reason == 'field "rpm" must be a finite number, got str'
+
+
+def test_pipeline_cooldown_suppresses_the_second_firing() -> None:
+    pipeline, stores = _pipeline(), ({}, {})
+
+    first = _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 1)
+    second = _raw(pipeline, stores, {"time": T0 + 1_000, "temp": 96.0}, 2)
+
+    assert [d.rule_id for d in first.decisions] == ["hot"]
+    assert second.decisions == [] and pipeline.counters.suppressed == 1
+
+
+def test_pipeline_idle_tick_closes_quiet_series_on_the_bridge_clock() -> None:
+    pipeline, stores = _pipeline(), ({}, {})
+    _raw(pipeline, stores, {"time": T0, "temp": 1.0}, 1, received_ms=NOW - 10_000)
+
+    too_early = pipeline.close_idle(
+        device_id="d1",
+        tick_ms=NOW - 6_000,
+        series_store=stores[0],
+        device_store=stores[1],
+    )
+    closed = pipeline.close_idle(
+        device_id="d1",
+        tick_ms=NOW - 5_000,
+        series_store=stores[0],
+        device_store=stores[1],
+    )
+
+    assert too_early.summaries == []
+    assert [(s.count, s.closed_by) for s in closed.summaries] == [(1, "idle")]
+    assert closed.next_idle_deadline_ms is None
+
+
+class _Table:
+    """The two parts of a Faust table the write-back store uses."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.changelog: list[tuple[int, bytes, bytes]] = []
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes) -> None:
+        self.changelog.append((partition, key, value))
+
+
+def test_write_back_store_writes_each_changed_key_once_on_flush() -> None:
+    table = _Table()
+    store = WriteBackStore(table)
+    store.partition = 3
+
+    store[b"a"] = b"1"
+    store[b"a"] = b"2"
+    store[b"b"] = b"9"
+    before = dict(table.data)
+    written = store.flush()
+
+    assert before == {} and store[b"a"] == b"2"
+    assert written == 2
+    assert table.changelog == [(3, b"a", b"2"), (3, b"b", b"9")]
+    assert table.data == {b"a": b"2", b"b": b"9"} and store.dirty_count == 0
+
+
+def test_write_back_store_discard_drops_unwritten_changes() -> None:
+    table = _Table()
+    store = WriteBackStore(table)
+    store.partition = 0
+    store[b"a"] = b"1"
+
+    store.discard()
+
+    assert store.get(b"a") is None and table.changelog == []
+
+
+def test_write_back_store_refuses_a_write_without_partition() -> None:
+    store = WriteBackStore(_Table())
+
+    with pytest.raises(RuntimeError, match="partition"):
+        store[b"a"] = b"1"
