@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
+from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -23,7 +24,7 @@ from river import proba
 
 # A score at or above this is an anomaly for the default detector; chosen on NAB
 # (see docs/BENCHMARKS.md) and used as the default of alerting rules.
-DEFAULT_THRESHOLD = 0.538
+DEFAULT_THRESHOLD = 0.506
 
 # Tail probabilities are floored at 1e-10 and mapped to [0, 1] by their logarithm:
 # a probability of 1e-10 (or smaller) scores 1, a probability of 1 scores 0.
@@ -38,6 +39,7 @@ _HASH_MULTIPLIER = 2654435761
 _HASH_BASE = 131
 # History byte meaning "no bin yet" (bins are capped at 64, see SurpriseDetector).
 _NO_BIN = 255
+_DAY_MS = 86_400_000
 
 
 class Detector(Protocol):
@@ -97,6 +99,8 @@ class _Assessment(NamedTuple):
     high: float
     value_bin: int
     keys: tuple[int, ...]
+    slot: int
+    residual: float
 
 
 class SurpriseDetector:
@@ -105,7 +109,13 @@ class SurpriseDetector:
     Each reading gets a raw surprise: the larger of two z-scores, one of the value
     against an exponentially weighted mean and variance of past values, one of the
     change since the previous reading against the same statistics of past changes.
-    The z-score becomes a log-scaled tail probability in [0, 1]. As in Numenta's
+    A change counts only as far as the reading is also off its time-of-day profile:
+    ``season_slots`` slots of the UTC day each hold a fading mean of the values seen
+    in them, and the residual against that mean (and its change since the previous
+    reading) is compared with the usual residuals. So a jump that happens every day
+    at the same hour stops being a surprise after a few days, while the same jump
+    at another hour still is. The z-score becomes a log-scaled tail probability in
+    [0, 1]. As in Numenta's
     anomaly likelihood, what counts is not that raw surprise but how unusual its
     short-term average is against its long-term distribution, again as a
     log-scaled tail probability.
@@ -114,8 +124,9 @@ class SurpriseDetector:
     range seen so far is cut into ``context_bins`` bins; the bin of the reading
     together with the bins of the one and of the two readings before it form two
     contexts, hashed into a table of ``context_slots`` one-byte counters. A context
-    never seen before keeps the likelihood whole; a familiar one (a daily jump that
-    happened yesterday too) cuts it down to ``novelty_floor`` of itself. When a
+    never seen before keeps the likelihood whole; one seen ``n`` times keeps
+    ``novelty_floor`` plus the rest scaled by ``(n + 1) ** -novelty_power``, so a
+    context seen once or twice still counts as rather new. When a
     reading falls outside the range, the range grows by ``range_margin`` of its
     width beyond it, so that the bins do not move on every small new extreme.
 
@@ -127,20 +138,21 @@ class SurpriseDetector:
     suppression are, so that a lasting level shift becomes the new normal.
     Contexts are always learnt.
 
-    The state is 1,627 bytes serialised with the default 1,536 slots, and a
-    reading costs about 4 to 6 microseconds in CPython.
+    The state is 1,863 bytes serialised with the default 1,536 slots and 48 slots
+    of the day, and a reading costs about 5 to 9 microseconds in CPython.
 
-    Known limits: seasonality is seen only through repeated contexts, not through
-    time of day, so a value normal for another hour goes unseen if its context is
-    familiar; slow drifts are learnt, not flagged; counters never fade, so in a
-    series that visits every context the gate stops helping and the score falls
-    back to ``novelty_floor`` of the likelihood; ``time_ms`` is ignored, so
-    irregular sampling shows up as surprise in the changes.
+    Known limits: only a daily cycle in UTC is modelled (weekly cycles and
+    daylight-saving shifts are not); a value normal for another hour is flagged
+    through its change, but a slow move to it is not; slow drifts are learnt, not
+    flagged; counters never fade, so in a series that visits every context the gate
+    stops helping and the score falls back towards ``novelty_floor`` of the
+    likelihood; gaps in ``time_ms`` are not seen, so irregular sampling shows up as
+    surprise in the changes.
 
     Args:
         grace_period: Readings scored 0 while the statistics settle.
-        value_fading: Weight of the newest reading in the value and change
-            statistics (0.01: a memory of about 100 readings).
+        value_fading: Weight of the newest reading in the value, change and
+            residual statistics (0.01: a memory of about 100 readings).
         short_fading: Weight of the newest raw surprise in its short-term average
             (0.8: high enough that a lone spike is flagged on its own reading).
         long_fading: Weight of the newest raw surprise in its long-term mean and
@@ -160,12 +172,65 @@ class SurpriseDetector:
             reading has been seen before, in [0, 1].
         range_margin: Extra width, as a share of the range, added beyond a
             reading that falls outside the range.
+        novelty_power: How fast a context stops counting as new with each time it
+            is seen; 0 counts every seen context as fully familiar.
+        season_slots: Slots the UTC day is cut into for the time-of-day profile
+            (48: half an hour each); the state grows by four bytes per slot.
+        season_fading: Weight of the newest reading in its slot's mean (0.3: a
+            memory of a few days at one reading per slot and day, less when a
+            slot gets several readings a day).
+        season_ready: Residuals learnt before the profile is trusted (288: a
+            day of readings every five minutes).
     """
 
-    # Version, two counters, ten floats, the last two bins; little-endian to move
-    # across hosts. The context table follows as raw bytes.
-    _STATE = struct.Struct("<BII10dBB")
-    _VERSION = 2
+    # Slots, not a per-instance dict: the worker holds one detector per series.
+    __slots__ = (
+        "_change_mean",
+        "_change_var",
+        "_contexts",
+        "_high",
+        "_last_bin",
+        "_long_mean",
+        "_long_var",
+        "_low",
+        "_mean",
+        "_n_residuals",
+        "_n_seen",
+        "_previous",
+        "_previous_residual",
+        "_quiet",
+        "_residual_change_mean",
+        "_residual_change_var",
+        "_residual_mean",
+        "_residual_var",
+        "_season",
+        "_second_last_bin",
+        "_short",
+        "_slot_ms",
+        "_var",
+        "context_bins",
+        "context_slots",
+        "echo_above",
+        "echo_readings",
+        "grace_period",
+        "long_fading",
+        "novelty_floor",
+        "novelty_power",
+        "range_margin",
+        "season_fading",
+        "season_ready",
+        "season_slots",
+        "short_fading",
+        "suppress_above",
+        "suppress_readings",
+        "value_fading",
+    )
+
+    # Version, three counters, fifteen floats, the last two bins; little-endian to
+    # move across hosts. The time-of-day profile (single precision) and the context
+    # table follow.
+    _STATE = struct.Struct("<BIII15dBB")
+    _VERSION = 3
 
     def __init__(
         self,
@@ -179,8 +244,12 @@ class SurpriseDetector:
         echo_readings: int = 20,
         context_bins: int = 16,
         context_slots: int = 1536,
-        novelty_floor: float = 0.3,
+        novelty_floor: float = 0.4,
         range_margin: float = 0.1,
+        novelty_power: float = 0.5,
+        season_slots: int = 48,
+        season_fading: float = 0.3,
+        season_ready: int = 288,
     ) -> None:
         if not 1 <= int(context_bins) <= 64:
             message = f"context_bins must be in 1..64 (got {context_bins})"
@@ -197,6 +266,11 @@ class SurpriseDetector:
         self.context_slots = int(context_slots)
         self.novelty_floor = novelty_floor
         self.range_margin = range_margin
+        self.novelty_power = novelty_power
+        self.season_slots = int(season_slots)
+        self.season_fading = season_fading
+        self.season_ready = int(season_ready)
+        self._slot_ms = _DAY_MS // self.season_slots
 
         self._n_seen = 0
         self._quiet = 0
@@ -213,8 +287,16 @@ class SurpriseDetector:
         self._last_bin = _NO_BIN
         self._second_last_bin = _NO_BIN
         self._contexts = bytearray(self.context_slots)
+        self._n_residuals = 0
+        self._residual_mean = 0.0
+        self._residual_var = 0.0
+        self._residual_change_mean = 0.0
+        self._residual_change_var = 0.0
+        self._previous_residual = math.nan
+        # Single precision keeps the profile small; NaN marks a slot never seen.
+        self._season = array("f", [math.nan] * self.season_slots)
 
-    def _surprise(self, value: float) -> float:
+    def _surprise(self, value: float, residual: float) -> float:
         """Return the raw surprise of a value, in [0, 1]."""
         if self._n_seen == 0:
             return 0.0
@@ -223,7 +305,21 @@ class SurpriseDetector:
         tiny = 1e-12 + (1e-9 * self._mean) ** 2
         z_value = abs(value - self._mean) / math.sqrt(self._var + tiny)
         z_change = abs(change - self._change_mean) / math.sqrt(self._change_var + tiny)
+        seasonal = self._n_residuals >= self.season_ready and residual == residual
+        if seasonal:
+            z_change = min(z_change, self._residual_z(residual, tiny))
         return _tail_score(max(z_value, z_change))
+
+    def _residual_z(self, residual: float, tiny: float) -> float:
+        """Return how far a residual, or its change, is from the usual ones."""
+        spread = math.sqrt(self._residual_var + tiny)
+        z_residual = abs(residual - self._residual_mean) / spread
+        previous = self._previous_residual
+        if previous != previous:
+            return z_residual
+        step = residual - previous - self._residual_change_mean
+        z_step = abs(step) / math.sqrt(self._residual_change_var + tiny)
+        return max(z_residual, z_step)
 
     def _range(self, value: float) -> tuple[float, float]:
         """Return the value range once ``value`` is in it."""
@@ -249,9 +345,13 @@ class SurpriseDetector:
         triple = (triple * _HASH_BASE + self._last_bin) * _HASH_BASE + value_bin
         return (*keys, (triple * _HASH_MULTIPLIER) % self.context_slots)
 
-    def _assess(self, value: float) -> tuple[float, _Assessment]:
+    def _assess(self, value: float, time_ms: int) -> tuple[float, _Assessment]:
         """Return the score and what learning the reading needs, without learning."""
-        raw = self._surprise(value)
+        slot = time_ms // self._slot_ms % self.season_slots
+        expected = self._season[slot]
+        # NaN until the slot has seen a reading: no residual yet.
+        residual = value - expected if expected == expected else math.nan
+        raw = self._surprise(value, residual)
         short = self._short + self.short_fading * (raw - self._short)
         # 1e-6 keeps a never-surprised series from scoring 1 on its first blip.
         spread = math.sqrt(self._long_var) + 1e-6
@@ -266,14 +366,16 @@ class SurpriseDetector:
         keys = self._context_keys(value_bin)
         contexts = self._contexts
         # Two contexts once warm: three possible weights, 0, 1/2 or 1, of novelty.
-        unseen = sum(1 for key in keys if contexts[key] == 0)
-        novelty = unseen / 2.0
+        # A context seen n times weighs 1/sqrt(n + 1): new is 1, rare stays high.
+        power = self.novelty_power
+        novelty = sum((1.0 + contexts[key]) ** -power for key in keys) / 2.0
         floor = self.novelty_floor
         score = likelihood * (floor + (1.0 - floor) * novelty)
 
         if self._n_seen < self.grace_period or self._quiet > 0:
             score = 0.0
-        return score, _Assessment(raw, short, low, high, value_bin, keys)
+        assessed = _Assessment(raw, short, low, high, value_bin, keys, slot, residual)
+        return score, assessed
 
     def _update(self, value: float, score: float, assessed: _Assessment) -> None:
         flagged = score >= self.suppress_above
@@ -303,6 +405,7 @@ class SurpriseDetector:
                 self._change_var + fading * change_delta * change_delta
             )
 
+        self._learn_season(value, flagged, assessed)
         contexts = self._contexts
         for key in assessed.keys:
             contexts[key] = _INCREMENT[contexts[key]]
@@ -312,26 +415,56 @@ class SurpriseDetector:
         self._previous = value
         self._n_seen += 1
 
+    def _learn_season(self, value: float, flagged: bool, assessed: _Assessment) -> None:
+        """Move the time-of-day profile and the residual statistics."""
+        residual = assessed.residual
+        previous = self._previous_residual
+        self._previous_residual = residual
+        if residual != residual:
+            self._season[assessed.slot] = value
+            return
+        if flagged:
+            return
+
+        self._season[assessed.slot] += self.season_fading * residual
+        fading = self.value_fading
+        if self._n_residuals == 0:
+            self._residual_mean = residual
+        delta = residual - self._residual_mean
+        self._residual_mean += fading * delta
+        self._residual_var = (1.0 - fading) * (self._residual_var + fading * delta**2)
+        self._n_residuals += 1
+        if previous != previous:
+            return
+
+        step = residual - previous - self._residual_change_mean
+        self._residual_change_mean += fading * step
+        self._residual_change_var = (1.0 - fading) * (
+            self._residual_change_var + fading * step * step
+        )
+
     def score_one(self, value: float, time_ms: int) -> float:
         """Score a reading against the learnt state, without changing it.
 
         Args:
             value: The reading's value; must be finite.
-            time_ms: Event time in epoch milliseconds; not used.
+            time_ms: Event time in epoch milliseconds; places the reading in the
+                time-of-day profile.
 
         Returns:
             The anomaly score in [0, 1]; 0 during the grace period.
         """
-        return self._assess(value)[0]
+        return self._assess(value, time_ms)[0]
 
     def learn_one(self, value: float, time_ms: int) -> None:
         """Learn a reading (scoring it first, to know whether it was flagged).
 
         Args:
             value: The reading's value; must be finite.
-            time_ms: Event time in epoch milliseconds; not used.
+            time_ms: Event time in epoch milliseconds; places the reading in the
+                time-of-day profile.
         """
-        score, assessed = self._assess(value)
+        score, assessed = self._assess(value, time_ms)
         self._update(value, score, assessed)
 
     def score_then_learn(self, value: float, time_ms: int) -> float:
@@ -339,17 +472,18 @@ class SurpriseDetector:
 
         Args:
             value: The reading's value; must be finite.
-            time_ms: Event time in epoch milliseconds; not used.
+            time_ms: Event time in epoch milliseconds; places the reading in the
+                time-of-day profile.
 
         Returns:
             The score the reading had before it was learnt.
         """
-        score, assessed = self._assess(value)
+        score, assessed = self._assess(value, time_ms)
         self._update(value, score, assessed)
         return score
 
     def to_bytes(self) -> bytes:
-        """Serialise the learnt state; 1,627 bytes with the default 1,536 slots.
+        """Serialise the learnt state; 1,863 bytes with the default sizes.
 
         Parameters are not included: restore with the same ones.
         """
@@ -357,6 +491,7 @@ class SurpriseDetector:
             self._VERSION,
             self._n_seen,
             self._quiet,
+            self._n_residuals,
             self._mean,
             self._var,
             self._change_mean,
@@ -367,10 +502,16 @@ class SurpriseDetector:
             self._long_var,
             self._low,
             self._high,
+            self._residual_mean,
+            self._residual_var,
+            self._residual_change_mean,
+            self._residual_change_var,
+            self._previous_residual,
             self._last_bin,
             self._second_last_bin,
         )
-        return head + bytes(self._contexts)
+        season = struct.pack(f"<{self.season_slots}f", *self._season)
+        return head + season + bytes(self._contexts)
 
     @classmethod
     def from_bytes(cls, data: bytes, **params: float) -> SurpriseDetector:
@@ -381,7 +522,8 @@ class SurpriseDetector:
                 and table size.
         """
         detector = cls(**params)  # type: ignore[arg-type]
-        size = cls._STATE.size + detector.context_slots
+        season_size = 4 * detector.season_slots
+        size = cls._STATE.size + season_size + detector.context_slots
         if len(data) != size or data[0] != cls._VERSION:
             message = (
                 f"surprise detector state must be {size} bytes of "
@@ -389,7 +531,7 @@ class SurpriseDetector:
             )
             raise ValueError(message)
         fields = cls._STATE.unpack_from(data)
-        detector._n_seen, detector._quiet = fields[1], fields[2]
+        detector._n_seen, detector._quiet, detector._n_residuals = fields[1:4]
         (
             detector._mean,
             detector._var,
@@ -401,10 +543,20 @@ class SurpriseDetector:
             detector._long_var,
             detector._low,
             detector._high,
+            detector._residual_mean,
+            detector._residual_var,
+            detector._residual_change_mean,
+            detector._residual_change_var,
+            detector._previous_residual,
             detector._last_bin,
             detector._second_last_bin,
-        ) = fields[3:]
-        detector._contexts = bytearray(data[cls._STATE.size :])
+        ) = fields[4:]
+        season_end = cls._STATE.size + season_size
+        season = struct.unpack(
+            f"<{detector.season_slots}f", data[cls._STATE.size : season_end]
+        )
+        detector._season = array("f", season)
+        detector._contexts = bytearray(data[season_end:])
         return detector
 
 

@@ -142,15 +142,67 @@ def test_default_detector_flags_fewer_repeats_of_a_familiar_jump() -> None:
     assert gated < ungated
 
 
-def test_default_detector_state_is_1627_bytes() -> None:
-    assert len(build_detector(DetectorSpec()).to_bytes()) == 1627
+def _daily_square_wave(days: int) -> list[tuple[int, float]]:
+    """Readings every 5 minutes: 80 by day, 20 by night, a little noise."""
+    step_ms = 300_000
+    readings = []
+    for i in range(days * 288):
+        level = 80.0 if 72 <= i % 288 < 216 else 20.0
+        readings.append((i * step_ms, level + 0.5 * ((i * 7919) % 13)))
+    return readings
+
+
+def test_default_detector_flags_fewer_daily_jumps_with_time_of_day_profile() -> None:
+    """A jump that happens at the same time each day is learnt as expected."""
+    readings = _daily_square_wave(14)
+    counts = []
+    for ready in (10**9, 288):
+        spec = DetectorSpec(params={"season_ready": ready})
+        detector = build_detector(spec)
+        scores = [detector.score_then_learn(v, t) for t, v in readings]
+        counts.append(sum(score >= DEFAULT_THRESHOLD for score in scores))
+
+    without_profile, with_profile = counts
+
+    assert with_profile < without_profile
+
+
+def test_default_detector_flags_a_jump_at_an_unusual_time_of_day() -> None:
+    readings = _daily_square_wave(10)
+    detector = build_detector(DetectorSpec())
+    for t, v in readings:
+        detector.score_then_learn(v, t)
+    night_ms = readings[-1][0] + 300_000
+
+    score = detector.score_one(80.0, night_ms)
+
+    assert score >= DEFAULT_THRESHOLD
+
+
+def test_default_detector_restored_mid_day_continues_identically() -> None:
+    """The time-of-day profile and residual statistics survive a checkpoint."""
+    readings = _daily_square_wave(6)
+    detector = build_detector(DetectorSpec())
+    for t, v in readings[:1000]:
+        detector.score_then_learn(v, t)
+
+    restored = restore_detector(DetectorSpec(), detector.to_bytes())
+    expected = [detector.score_then_learn(v, t) for t, v in readings[1000:]]
+    got = [restored.score_then_learn(v, t) for t, v in readings[1000:]]
+
+    assert got == expected
+    assert restored.to_bytes() == detector.to_bytes()
+
+
+def test_default_detector_state_is_1863_bytes() -> None:
+    assert len(build_detector(DetectorSpec()).to_bytes()) == 1863
 
 
 def test_default_detector_rejects_state_of_another_table_size() -> None:
     spec = DetectorSpec(params={"context_slots": 512})
     state = build_detector(spec).to_bytes()
 
-    with pytest.raises(ValueError, match="got 603 bytes"):
+    with pytest.raises(ValueError, match="got 839 bytes"):
         restore_detector(DetectorSpec(), state)
 
 
