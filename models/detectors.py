@@ -238,7 +238,7 @@ class SurpriseDetector:
         value_fading: float = 0.01,
         short_fading: float = 0.8,
         long_fading: float = 0.001,
-        suppress_above: float = 0.8,
+        suppress_above: float = 0.95,
         suppress_readings: int = 100,
         echo_above: float = 0.5,
         echo_readings: int = 20,
