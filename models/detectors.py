@@ -24,7 +24,7 @@ from river import proba
 
 # A score at or above this is an anomaly for the default detector; chosen on NAB
 # (see docs/BENCHMARKS.md) and used as the default of alerting rules.
-DEFAULT_THRESHOLD = 0.506
+DEFAULT_THRESHOLD = 0.4998
 
 # Tail probabilities are floored at 1e-10 and mapped to [0, 1] by their logarithm:
 # a probability of 1e-10 (or smaller) scores 1, a probability of 1 scores 0.
@@ -154,7 +154,7 @@ class SurpriseDetector:
         value_fading: Weight of the newest reading in the value, change and
             residual statistics (0.01: a memory of about 100 readings).
         short_fading: Weight of the newest raw surprise in its short-term average
-            (0.8: high enough that a lone spike is flagged on its own reading).
+            (0.65: high enough that a lone spike is flagged on its own reading).
         long_fading: Weight of the newest raw surprise in its long-term mean and
             variance (0.001: a memory of about 1,000 readings).
         suppress_above: Score at which a detection silences the next ones. Higher
@@ -236,7 +236,7 @@ class SurpriseDetector:
         self,
         grace_period: int = 150,
         value_fading: float = 0.01,
-        short_fading: float = 0.8,
+        short_fading: float = 0.65,
         long_fading: float = 0.001,
         suppress_above: float = 0.95,
         suppress_readings: int = 100,
