@@ -36,6 +36,8 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -55,6 +57,12 @@ _PLACEHOLDER = re.compile(r"\{(device_id|site)\}")
 # Dead-letter records carry at most this much of the original payload (base64), so
 # one oversized message cannot make an oversized Kafka record.
 DEAD_LETTER_PAYLOAD_LIMIT_BYTES = 64 * 1024
+# Messages taken from the inbox at a time and produced as one batch per partition;
+# bounded so acknowledgements keep flowing while a large backlog drains.
+BURST_MAX = 500
+# Records per Kafka batch, in bytes; larger than aiokafka's 16 KiB default so a
+# burst of small device payloads goes out in few requests.
+MAX_BATCH_BYTES = 256 * 1024
 
 
 class TopicPattern:
@@ -169,6 +177,10 @@ class Bridge:
                 # a batch that does fail is redelivered by MQTT (not acknowledged).
                 request_timeout_ms=120_000,
                 retry_backoff_ms=200,
+                max_batch_size=MAX_BATCH_BYTES,
+                # Room for one payload at the size limit plus headers; the broker's
+                # message.max.bytes must be at least as large (2 MiB in the stack).
+                max_request_size=max_payload_bytes + 64 * 1024,
             )
         )
         self._producer: AIOKafkaProducer | None = None
@@ -182,6 +194,9 @@ class Bridge:
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._partitions: list[int] = []
+        self._refused: collections.deque[tuple[_Inbound, str]] = collections.deque()
+        self._partitioner = DefaultPartitioner()
 
     async def __aenter__(self) -> Bridge:
         await self.start()
@@ -381,38 +396,106 @@ class Bridge:
     # -- Kafka side (asyncio) --------------------------------------------------------
 
     async def _pump(self) -> None:
+        inbox = self._inbox
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._inbox:
-                await self._forward(self._inbox.popleft())
+            while self._refused:
+                inbound, reason = self._refused.popleft()
+                fields = self.pattern.match(inbound.topic) or {}
+                device_id = fields.get("device_id", "")
+                self.counters.in_flight -= 1
+                producer = self._producer
+                if producer is not None:
+                    self.counters.in_flight += 1
+                    await self._send_dead_letter(producer, inbound, reason, device_id)
+            while inbox:
+                burst = [inbox.popleft() for _ in range(min(len(inbox), BURST_MAX))]
+                await self._forward_burst(burst)
 
-    async def _forward(self, inbound: _Inbound) -> None:
+    async def _forward_burst(self, burst: list[_Inbound]) -> None:
+        """Produce a burst as one record batch per partition, in arrival order."""
         producer = self._producer
         if producer is None:
             raise RuntimeError("bridge not started")
-        self.counters.received += 1
-        self.counters.in_flight += 1
-        problem, device_id = self._check(inbound)
-        if problem is None:
-            future = await producer.send(
-                self._raw_topic,
-                value=inbound.payload,
-                key=device_id.encode(),
-                headers=_headers(inbound),
+        partitions = await self._raw_partitions(producer)
+        by_partition: dict[int, list[tuple[_Inbound, bytes]]] = {}
+        for inbound in burst:
+            self.counters.received += 1
+            self.counters.in_flight += 1
+            problem, device_id = self._check(inbound)
+            if problem is not None:
+                await self._send_dead_letter(producer, inbound, problem, device_id)
+                continue
+            key = device_id.encode()
+            # The producer's own default partitioner, so a device's records (and
+            # the worker's idle ticks for it) share one partition.
+            partition = self._partitioner(key, partitions, partitions)
+            by_partition.setdefault(partition, []).append((inbound, key))
+        for partition, items in by_partition.items():
+            await self._send_batches(producer, partition, items)
+
+    async def _raw_partitions(self, producer: AIOKafkaProducer) -> list[int]:
+        if not self._partitions:
+            self._partitions = sorted(await producer.partitions_for(self._raw_topic))
+        return self._partitions
+
+    async def _send_batches(
+        self,
+        producer: AIOKafkaProducer,
+        partition: int,
+        items: list[tuple[_Inbound, bytes]],
+    ) -> None:
+        batch = producer.create_batch()
+        members: list[_Inbound] = []
+        for inbound, key in items:
+            headers = _headers(inbound)
+            appended = batch.append(
+                key=key, value=inbound.payload, timestamp=None, headers=headers
             )
-            future.add_done_callback(lambda f: self._delivered(inbound, f, False))
-        else:
-            logger.warning(
-                "dead-lettering MQTT message topic=%s reason=%s", inbound.topic, problem
-            )
-            future = await producer.send(
-                self._dead_letter_topic,
-                value=_dead_letter(inbound, problem, device_id or None),
-                key=device_id.encode() if device_id else None,
-                headers=_headers(inbound),
-            )
-            future.add_done_callback(lambda f: self._delivered(inbound, f, True))
+            if appended is None:  # batch full: send it and start the next one
+                await self._send_batch(producer, batch, partition, members)
+                batch = producer.create_batch()
+                members = []
+                batch.append(
+                    key=key, value=inbound.payload, timestamp=None, headers=headers
+                )
+            members.append(inbound)
+        await self._send_batch(producer, batch, partition, members)
+
+    async def _send_batch(
+        self,
+        producer: AIOKafkaProducer,
+        batch: Any,
+        partition: int,
+        members: list[_Inbound],
+    ) -> None:
+        future = await producer.send_batch(batch, self._raw_topic, partition=partition)
+        future.add_done_callback(lambda f: self._delivered_batch(members, f))
+
+    async def _send_dead_letter(
+        self,
+        producer: AIOKafkaProducer,
+        inbound: _Inbound,
+        problem: str,
+        device_id: str,
+    ) -> None:
+        logger.warning(
+            "dead-lettering MQTT message topic=%s reason=%s", inbound.topic, problem
+        )
+        future = await producer.send(
+            self._dead_letter_topic,
+            value=_dead_letter(inbound, problem, device_id or None),
+            key=device_id.encode() if device_id else None,
+            headers=_headers(inbound),
+        )
+        future.add_done_callback(lambda f: self._delivered(inbound, f, True))
+
+    def _delivered_batch(
+        self, members: list[_Inbound], future: asyncio.Future[Any]
+    ) -> None:
+        for inbound in members:
+            self._delivered(inbound, future, False)
 
     def _check(self, inbound: _Inbound) -> tuple[str | None, str]:
         fields = self.pattern.match(inbound.topic)
@@ -438,7 +521,15 @@ class Bridge:
         self, inbound: _Inbound, future: asyncio.Future[Any], dead_letter: bool
     ) -> None:
         self.counters.in_flight -= 1
-        if future.cancelled() or future.exception() is not None:
+        error = None if future.cancelled() else future.exception()
+        if isinstance(error, KafkaError) and not error.retriable and not dead_letter:
+            # Redelivering a record Kafka refuses for good (too large for the
+            # broker, say) would loop forever: dead-letter it instead.
+            self.counters.in_flight += 1
+            self._refused.append((inbound, f"Kafka refused the record: {error!r}"))
+            self._wake.set()
+            return
+        if future.cancelled() or error is not None:
             self.counters.produce_failures += 1
             logger.error(
                 "Kafka did not take a message; it stays unacknowledged over MQTT and"

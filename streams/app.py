@@ -6,9 +6,10 @@ decisions, MQTT commands), so a decision is produced within milliseconds of the
 raw record. Its concurrency is 1: with more, faust-streaming may commit past a
 message still in work.
 
-State lives in two tables backed by changelog topics: ``series`` (windows and
-detector of each device/metric series, plus each device's metric list) and
-``devices`` (rule cooldowns and counters per device). Faust forbids table writes
+State lives in one table backed by a changelog topic, ``devices``: one record per
+device holding the windows and detector of each of its series, its rule
+cooldowns and counters, and the offset of the last record applied, so every
+change of a device's state is one atomic changelog record. Faust forbids table writes
 outside a stream, so idle windows are closed through the stream too: a timer
 sends a *tick* (an empty record with the header ``edge_tick``) keyed by the device
 to ``telemetry-raw`` itself. It lands in the device's partition, behind every
@@ -229,18 +230,13 @@ def create_app(settings: Settings) -> faust.App:
     }
     # Keys and values are the pipeline's own compact bytes: bytes types make Faust
     # use the raw codec for the changelogs (its default would be JSON).
-    series = app.Table(
-        "series", default=None, key_type=bytes, value_type=bytes,
-        partitions=settings.partitions,
-    )  # fmt: skip
     devices = app.Table(
         "devices", default=None, key_type=bytes, value_type=bytes,
         partitions=settings.partitions,
     )  # fmt: skip
-    series_store = WriteBackStore(series)
-    device_store = WriteBackStore(devices)
+    store = WriteBackStore(devices)
     state = WorkerState(
-        stores=[series_store, device_store],
+        stores=[store],
         pipeline=Pipeline(config, clock_ms=_now_ms),
         commands=CommandPublisher(
             host=settings.mqtt_host,
@@ -274,14 +270,13 @@ def create_app(settings: Settings) -> faust.App:
             message = event.message
             key = message.key or b""
             device_id = key.decode(errors="replace")
-            series_store.partition = device_store.partition = message.partition
+            store.partition = message.partition
             tick_ms = _tick_ms(message.headers)
             if tick_ms is not None:
                 out = state.pipeline.close_idle(
                     device_id=device_id,
                     tick_ms=tick_ms,
-                    series_store=series_store,
-                    device_store=device_store,
+                    store=store,
                 )
             else:
                 out = state.pipeline.process_raw(
@@ -291,8 +286,7 @@ def create_app(settings: Settings) -> faust.App:
                     source=f"kafka:{message.topic}",
                     partition=message.partition,
                     offset=message.offset,
-                    series_store=series_store,
-                    device_store=device_store,
+                    store=store,
                 )
             await emit(device_id, key, out)
 
@@ -301,14 +295,13 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=tick_interval_s)  # type: ignore[untyped-decorator]
     async def send_idle_ticks() -> None:
         now_ms = _now_ms()
-        if not state.idle_deadlines and len(series_store):
-            # After a start or rebalance: learn the deadlines from the tables.
-            for raw_key in list(series_store):
-                if raw_key.endswith(b"\x1f"):
-                    device_id = raw_key[:-1].decode()
-                    deadline = state.pipeline.device_deadline(device_id, series_store)
-                    if deadline is not None:
-                        state.idle_deadlines[device_id] = deadline
+        if not state.idle_deadlines and len(store):
+            # After a start or rebalance: learn the deadlines from the table.
+            for raw_key in list(store):
+                device_id = raw_key.decode()
+                deadline = state.pipeline.device_deadline(device_id, store)
+                if deadline is not None:
+                    state.idle_deadlines[device_id] = deadline
         due = [d for d, deadline in state.idle_deadlines.items() if deadline <= now_ms]
         for device_id in due:
             state.idle_deadlines.pop(device_id, None)

@@ -8,7 +8,7 @@ the changelog where the last one stopped.
 
 Exactly-once counting under at-least-once delivery, two ways:
 
-* Kafka replays after a crash or rebalance: each series remembers the offset of
+* Kafka replays after a crash or rebalance: each device remembers the offset of
   the last ``telemetry-raw`` record it applied (a device always lives in one
   partition), so a record processed again is skipped whole: not counted, not
   learnt, not late, no rule evaluated.
@@ -26,8 +26,6 @@ import struct
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
-import orjson
-
 from models.detectors import (
     DEFAULT_THRESHOLD,
     Detector,
@@ -44,10 +42,13 @@ logger = logging.getLogger(__name__)
 
 StateStore = MutableMapping[bytes, bytes]
 
-# Series state: the offset of the last applied telemetry-raw record and the
-# lengths of three blobs (tumbling windows, hopping windows, detector), then the
-# blobs and the unit text.
-_HEADER = struct.Struct("<qIII")
+# Series state: the lengths of three blobs (tumbling windows, hopping windows,
+# detector), then the blobs and the unit text.
+_SERIES_HEADER = struct.Struct("<III")
+# Device state: applied offset, series count, rule state length; then per series
+# its metric name length, blob length, name and blob; then the rule state.
+_DEVICE_HEADER = struct.Struct("<qII")
+_ENTRY_HEADER = struct.Struct("<HI")
 # Dead letters keep at most this much of the original payload.
 DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
 _SEP = "\x1f"
@@ -104,7 +105,7 @@ class PipelineConfig:
 class _Series:
     """Decoded state of one (device, metric) series during one step."""
 
-    __slots__ = ("tumbling", "hopping", "detector", "unit", "applied_offset")
+    __slots__ = ("tumbling", "hopping", "detector", "unit")
 
     def __init__(
         self,
@@ -112,22 +113,18 @@ class _Series:
         hopping: SeriesWindows | None,
         detector: Detector,
         unit: str | None,
-        applied_offset: int = -1,
     ) -> None:
         self.tumbling = tumbling
         self.hopping = hopping
         self.detector = detector
         self.unit = unit
-        self.applied_offset = applied_offset
 
     def to_bytes(self) -> bytes:
         tumbling = self.tumbling.to_bytes()
         hopping = self.hopping.to_bytes() if self.hopping is not None else b""
         detector = self.detector.to_bytes()
         unit = (self.unit or "").encode()
-        header = _HEADER.pack(
-            self.applied_offset, len(tumbling), len(hopping), len(detector)
-        )
+        header = _SERIES_HEADER.pack(len(tumbling), len(hopping), len(detector))
         return b"".join((header, tumbling, hopping, detector, unit))
 
     @property
@@ -137,6 +134,50 @@ class _Series:
             deadlines.append(self.hopping.next_deadline_ms)
         known = [d for d in deadlines if d is not None]
         return min(known) if known else None
+
+
+class _DeviceState:
+    """One device's state: applied offset, its series (lazily decoded), rules."""
+
+    __slots__ = ("applied_offset", "blobs", "series", "rules")
+
+    def __init__(
+        self, applied_offset: int, blobs: dict[str, bytes], rules: RuleState
+    ) -> None:
+        self.applied_offset = applied_offset
+        self.blobs = blobs
+        self.series: dict[str, _Series] = {}
+        self.rules = rules
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> _DeviceState:
+        if not raw:
+            return cls(-1, {}, RuleState.from_bytes(None))
+        applied_offset, count, rules_len = _DEVICE_HEADER.unpack_from(raw)
+        at = _DEVICE_HEADER.size
+        blobs = {}
+        for _ in range(count):
+            name_len, blob_len = _ENTRY_HEADER.unpack_from(raw, at)
+            at += _ENTRY_HEADER.size
+            name = raw[at : at + name_len].decode()
+            at += name_len
+            blobs[name] = raw[at : at + blob_len]
+            at += blob_len
+        rules = RuleState.from_bytes(raw[at : at + rules_len])
+        return cls(applied_offset, blobs, rules)
+
+    def encode(self) -> bytes:
+        rules = self.rules.to_bytes()
+        parts = [_DEVICE_HEADER.pack(self.applied_offset, len(self.blobs), len(rules))]
+        for metric, blob in self.blobs.items():
+            series = self.series.get(metric)
+            data = series.to_bytes() if series is not None else blob
+            name = metric.encode()
+            parts.append(_ENTRY_HEADER.pack(len(name), len(data)))
+            parts.append(name)
+            parts.append(data)
+        parts.append(rules)
+        return b"".join(parts)
 
 
 class Pipeline:
@@ -161,8 +202,7 @@ class Pipeline:
         source: str,
         partition: int | None,
         offset: int | None,
-        series_store: StateStore,
-        device_store: StateStore,
+        store: StateStore,
     ) -> Outputs:
         """Process one ``telemetry-raw`` message of ``device_id``.
 
@@ -190,20 +230,14 @@ class Pipeline:
                 )
             )  # fmt: skip
 
-        rule_state: RuleState | None = None
-        series_cache: dict[str, _Series] = {}
+        state = _DeviceState.decode(store.get(device_id.encode()))
+        if offset is not None and offset <= state.applied_offset:
+            self.counters.replayed += 1
+            return out
         for reading in result.readings:
-            series = series_cache.get(reading.metric)
-            if series is None:
-                series = self._load_series(series_store, device_id, reading)
-                series_cache[reading.metric] = series
-            if offset is not None and offset <= series.applied_offset:
-                self.counters.replayed += 1
-                continue
-            if rule_state is None:
-                rule_state = RuleState.from_bytes(device_store.get(device_id.encode()))
+            series = self._series(state, reading.metric, reading.unit)
             late = self._process_reading(
-                reading, series, rule_state, now_ms, received_ms, out
+                reading, series, state.rules, now_ms, received_ms, out
             )
             if late:
                 out.dead_letters.append(
@@ -211,25 +245,13 @@ class Pipeline:
                         reading, source, partition, offset, received_ms, payload
                     )
                 )
-
-        for metric, series in series_cache.items():
-            if offset is not None and offset > series.applied_offset:
-                series.applied_offset = offset
-            series_store[_series_key(device_id, metric)] = series.to_bytes()
-        self._remember_metrics(series_store, device_id, series_cache)
-        if rule_state is not None:
-            device_store[device_id.encode()] = rule_state.to_bytes()
-        out.next_idle_deadline_ms = self._device_deadline(series_cache.values())
+        if offset is not None:
+            state.applied_offset = offset
+        store[device_id.encode()] = state.encode()
+        out.next_idle_deadline_ms = self._device_deadline(state)
         return out
 
-    def close_idle(
-        self,
-        *,
-        device_id: str,
-        tick_ms: int,
-        series_store: StateStore,
-        device_store: StateStore,
-    ) -> Outputs:
+    def close_idle(self, *, device_id: str, tick_ms: int, store: StateStore) -> Outputs:
         """Close the windows of ``device_id``'s series that have been idle too long.
 
         ``tick_ms`` is when the tick was sent. The tick travels in the device's own
@@ -238,43 +260,33 @@ class Pipeline:
         really idle. Returns the closed windows' summaries (and decisions on them)
         and the next wall time at which the device's remaining windows may go idle.
         """
-        now_ms = tick_ms
         out = Outputs()
-        raw_metrics = series_store.get(_metrics_key(device_id))
-        metrics: list[str] = orjson.loads(raw_metrics) if raw_metrics else []
-        rule_state = RuleState.from_bytes(device_store.get(device_id.encode()))
-        deadlines = []
-        for metric in metrics:
-            key = _series_key(device_id, metric)
-            raw = series_store.get(key)
-            if raw is None:
-                continue
-            series = self._decode_series(raw, metric)
-            closed = list(series.tumbling.close_idle(now_ms))
+        raw = store.get(device_id.encode())
+        if raw is None:
+            return out
+        state = _DeviceState.decode(raw)
+        for metric in list(state.blobs):
+            series = self._series(state, metric, None)
+            closed = list(series.tumbling.close_idle(tick_ms))
             if series.hopping is not None:
-                closed.extend(series.hopping.close_idle(now_ms))
+                closed.extend(series.hopping.close_idle(tick_ms))
             if closed:
                 self.counters.idle_closes += len(closed)
-                self._emit_windows(device_id, metric, series, closed, rule_state, out)
-                series_store[key] = series.to_bytes()
-            deadlines.append(series.next_deadline_ms)
-        if out.decisions or out.summaries:
-            device_store[device_id.encode()] = rule_state.to_bytes()
-        known = [d for d in deadlines if d is not None]
-        out.next_idle_deadline_ms = min(known) if known else None
+                self._emit_windows(device_id, metric, series, closed, state.rules, out)
+        if out.summaries:
+            store[device_id.encode()] = state.encode()
+        out.next_idle_deadline_ms = self._device_deadline(state)
         return out
 
-    def device_deadline(self, device_id: str, series_store: StateStore) -> int | None:
+    def device_deadline(self, device_id: str, store: StateStore) -> int | None:
         """Return the earliest idle deadline of the device's series (from state)."""
-        raw_metrics = series_store.get(_metrics_key(device_id))
-        if not raw_metrics:
+        raw = store.get(device_id.encode())
+        if raw is None:
             return None
-        series = []
-        for metric in orjson.loads(raw_metrics):
-            raw = series_store.get(_series_key(device_id, metric))
-            if raw is not None:
-                series.append(self._decode_series(raw, metric))
-        return self._device_deadline(series)
+        state = _DeviceState.decode(raw)
+        for metric in list(state.blobs):
+            self._series(state, metric, None)
+        return self._device_deadline(state)
 
     # -- steps of one reading ------------------------------------------------------
 
@@ -364,23 +376,29 @@ class Pipeline:
     def _spec_for(self, metric: str) -> DetectorSpec:
         return self.config.detector_by_metric.get(metric, self.config.detector)
 
-    def _load_series(
-        self, store: StateStore, device_id: str, reading: Reading
-    ) -> _Series:
-        raw = store.get(_series_key(device_id, reading.metric))
+    def _series(self, state: _DeviceState, metric: str, unit: str | None) -> _Series:
+        """Return the decoded series of ``metric``, decoding or creating it once."""
+        series = state.series.get(metric)
+        if series is not None:
+            return series
+        raw = state.blobs.get(metric)
         if raw is not None:
-            return self._decode_series(raw, reading.metric)
-        hopping = self.config.hopping
-        return _Series(
-            SeriesWindows(self.config.window),
-            SeriesWindows(hopping) if hopping is not None else None,
-            build_detector(self._spec_for(reading.metric)),
-            reading.unit,
-        )
+            series = self._decode_series(raw, metric)
+        else:
+            hopping = self.config.hopping
+            series = _Series(
+                SeriesWindows(self.config.window),
+                SeriesWindows(hopping) if hopping is not None else None,
+                build_detector(self._spec_for(metric)),
+                unit,
+            )
+            state.blobs[metric] = b""
+        state.series[metric] = series
+        return series
 
     def _decode_series(self, raw: bytes, metric: str) -> _Series:
-        applied_offset, t_len, h_len, d_len = _HEADER.unpack_from(raw)
-        at = _HEADER.size
+        t_len, h_len, d_len = _SERIES_HEADER.unpack_from(raw)
+        at = _SERIES_HEADER.size
         tumbling = SeriesWindows.from_bytes(raw[at : at + t_len], self.config.window)
         at += t_len
         hopping = None
@@ -393,23 +411,11 @@ class Pipeline:
         at += h_len
         detector = restore_detector(self._spec_for(metric), raw[at : at + d_len])
         unit = raw[at + d_len :].decode() or None
-        return _Series(tumbling, hopping, detector, unit, applied_offset)
-
-    def _remember_metrics(
-        self, store: StateStore, device_id: str, series: dict[str, _Series]
-    ) -> None:
-        if not series:
-            return
-        key = _metrics_key(device_id)
-        raw = store.get(key)
-        known: list[str] = orjson.loads(raw) if raw else []
-        new = [m for m in series if m not in known]
-        if new:
-            store[key] = orjson.dumps(known + new)
+        return _Series(tumbling, hopping, detector, unit)
 
     @staticmethod
-    def _device_deadline(series: object) -> int | None:
-        deadlines = [s.next_deadline_ms for s in series]  # type: ignore[attr-defined]
+    def _device_deadline(state: _DeviceState) -> int | None:
+        deadlines = [s.next_deadline_ms for s in state.series.values()]
         known = [d for d in deadlines if d is not None]
         return min(known) if known else None
 
@@ -461,15 +467,6 @@ class Pipeline:
             "window", reason, source, reading.device_id, partition, offset,
             received_ms, payload, reading.metric,
         )  # fmt: skip
-
-
-def _series_key(device_id: str, metric: str) -> bytes:
-    return f"{device_id}{_SEP}{metric}".encode()
-
-
-def _metrics_key(device_id: str) -> bytes:
-    # Lists the metrics a device has sent, so idle ticks find its series.
-    return f"{device_id}{_SEP}".encode()
 
 
 def default_threshold() -> float:

@@ -28,14 +28,14 @@ def run_worker(settings: Settings) -> None:
     # assigned before they are visible keeps no partitions: create them first.
     internal = [
         f"{settings.topic_prefix}edge-otlp-worker-{name}"
-        for name in ("series-changelog", "devices-changelog", "__assignor-__leader")
+        for name in ("devices-changelog", "__assignor-__leader")
     ]
     asyncio.run(
         ensure_topics(
             settings.kafka_bootstrap,
             names + internal,
             partitions=settings.partitions,
-            compacted=frozenset(internal[:2]),
+            compacted=frozenset(internal[:1]),
         )
     )
     asyncio.set_event_loop(asyncio.new_event_loop())

@@ -163,6 +163,8 @@ class LocalStack:
                     "transaction.state.log.min.isr=1",
                     "group.initial.rebalance.delay.ms=0",
                     "auto.create.topics.enable=true",
+                    # Room for a payload at the bridge's 1 MiB limit plus headers.
+                    "message.max.bytes=2097152",
                     # A site box is small: keep the broker's own threads modest.
                     "num.network.threads=2",
                     "num.io.threads=4",

@@ -151,8 +151,7 @@ def _process_in_process(run: BenchRun, pairs: list[tuple[bytes, bytes]]) -> floa
     pipeline = Pipeline(
         pipeline_config(run.settings), clock_ms=lambda: time.time_ns() // 1_000_000
     )
-    series: dict[bytes, bytes] = {}
-    devices: dict[bytes, bytes] = {}
+    store: dict[bytes, bytes] = {}
     received_ms = time.time_ns() // 1_000_000
     started = time.perf_counter()
     for offset, (key, value) in enumerate(pairs):
@@ -163,8 +162,7 @@ def _process_in_process(run: BenchRun, pairs: list[tuple[bytes, bytes]]) -> floa
             source="bench",
             partition=0,
             offset=offset,
-            series_store=series,
-            device_store=devices,
+            store=store,
         )
     return time.perf_counter() - started
 

@@ -445,8 +445,7 @@ def run_topic_names(run: Run) -> list[str]:
     """Every topic the worker of this run creates, by its exact name."""
     app_id = f"{run.prefix}edge-otlp-worker"
     internal = [
-        f"{app_id}-{name}"
-        for name in ("series-changelog", "devices-changelog", "__assignor-__leader")
+        f"{app_id}-{name}" for name in ("devices-changelog", "__assignor-__leader")
     ]
     pipeline = [run.topic(name) for name in (*PIPELINE_TOPICS, "edge-otlp-ticks")]
     return pipeline + internal

@@ -44,9 +44,8 @@ def _pipeline(lateness_ms: int = 10_000) -> Pipeline:
     return Pipeline(config, clock_ms=lambda: NOW)
 
 
-def _raw(pipeline: Pipeline, stores: tuple[Any, Any], body: Any, offset: int,
+def _raw(pipeline: Pipeline, store: dict[bytes, bytes], body: Any, offset: int,
          received_ms: int = NOW) -> Any:  # fmt: skip
-    series, devices = stores
     return pipeline.process_raw(
         device_id="d1",
         payload=body if isinstance(body, bytes) else orjson.dumps(body),
@@ -54,13 +53,12 @@ def _raw(pipeline: Pipeline, stores: tuple[Any, Any], body: Any, offset: int,
         source="kafka:telemetry-raw",
         partition=0,
         offset=offset,
-        series_store=series,
-        device_store=devices,
+        store=store,
     )
 
 
 def test_pipeline_closes_window_when_watermark_passes_end_plus_lateness() -> None:
-    pipeline, stores = _pipeline(), ({}, {})
+    pipeline, stores = _pipeline(), {}
 
     _raw(pipeline, stores, {"time": T0, "temp": 1.0}, 0)
     _raw(pipeline, stores, {"time": T0 + 59_999, "temp": 3.0}, 1)
@@ -78,7 +76,7 @@ def test_pipeline_closes_window_when_watermark_passes_end_plus_lateness() -> Non
 
 
 def test_pipeline_skips_a_record_replayed_from_an_applied_offset() -> None:
-    pipeline, stores = _pipeline(), ({}, {})
+    pipeline, stores = _pipeline(), {}
     _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 7)
 
     again = _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 7)
@@ -89,7 +87,7 @@ def test_pipeline_skips_a_record_replayed_from_an_applied_offset() -> None:
 
 
 def test_pipeline_counts_a_redelivered_reading_once() -> None:
-    pipeline, stores = _pipeline(), ({}, {})
+    pipeline, stores = _pipeline(), {}
 
     _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 1)
     duplicate = _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 2)
@@ -99,7 +97,7 @@ def test_pipeline_counts_a_redelivered_reading_once() -> None:
 
 
 def test_pipeline_dead_letters_late_reading_with_field_and_reason() -> None:
-    pipeline, stores = _pipeline(lateness_ms=0), ({}, {})
+    pipeline, stores = _pipeline(lateness_ms=0), {}
     _raw(pipeline, stores, {"time": T0 + 120_000, "temp": 1.0}, 1)
 
     late = _raw(pipeline, stores, {"time": T0, "temp": 2.0}, 2)
@@ -110,7 +108,7 @@ def test_pipeline_dead_letters_late_reading_with_field_and_reason() -> None:
 
 
 def test_pipeline_keeps_good_metrics_of_a_message_with_a_bad_one() -> None:
-    pipeline, stores = _pipeline(), ({}, {})
+    pipeline, stores = _pipeline(), {}
 
     out = _raw(pipeline, stores, {"time": T0, "temp": 1.0, "rpm": "fast"}, 1)
 
@@ -120,7 +118,7 @@ def test_pipeline_keeps_good_metrics_of_a_message_with_a_bad_one() -> None:
 
 
 def test_pipeline_cooldown_suppresses_the_second_firing() -> None:
-    pipeline, stores = _pipeline(), ({}, {})
+    pipeline, stores = _pipeline(), {}
 
     first = _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 1)
     second = _raw(pipeline, stores, {"time": T0 + 1_000, "temp": 96.0}, 2)
@@ -130,20 +128,18 @@ def test_pipeline_cooldown_suppresses_the_second_firing() -> None:
 
 
 def test_pipeline_idle_tick_closes_quiet_series_on_the_bridge_clock() -> None:
-    pipeline, stores = _pipeline(), ({}, {})
+    pipeline, stores = _pipeline(), {}
     _raw(pipeline, stores, {"time": T0, "temp": 1.0}, 1, received_ms=NOW - 10_000)
 
     too_early = pipeline.close_idle(
         device_id="d1",
         tick_ms=NOW - 6_000,
-        series_store=stores[0],
-        device_store=stores[1],
+        store=stores,
     )
     closed = pipeline.close_idle(
         device_id="d1",
         tick_ms=NOW - 5_000,
-        series_store=stores[0],
-        device_store=stores[1],
+        store=stores,
     )
 
     assert too_early.summaries == []
