@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,14 @@ class FlushingConsumer(faust_aiokafka.Consumer):
     meanwhile, which would starve the commit under load).
     """
 
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        # Faust marks offsets it never delivered as acknowledged, assuming they are
+        # compaction holes or transaction markers. telemetry-raw has neither: a gap
+        # is a delivery race around rebalances, and acknowledging it would commit
+        # past unprocessed records; left unacknowledged, they are read again
+        # after the next rebalance or restart.
+        return None
+
     async def _commit_offsets(
         self, offsets: Mapping[TP, int], start_new_transaction: bool = True
     ) -> bool:
@@ -87,6 +96,48 @@ async def _flush_produced_so_far(producer: Any) -> None:
     if kafka is not None:
         # aiokafka waits for the batches that exist now, not for later ones.
         await kafka.flush()
+
+
+class GapDetector:
+    """Stop the worker when Faust hands the agent records out of offset order.
+
+    Around rebalances faust-streaming can drop records it fetched under an
+    older group generation and acknowledge them unprocessed (and it treats any
+    offset gap as a compaction hole). telemetry-raw has no holes, so a record
+    whose offset is past the next expected one of its partition means records
+    were skipped. Processing it would move the device's applied offset past
+    them for good; instead the worker exits at once, before committing, so a
+    restarted or surviving worker reads the partition again from the last
+    commit. Exit code 75 (temporary failure) tells a supervisor to restart it.
+    """
+
+    EXIT_CODE = 75
+
+    def __init__(self) -> None:
+        self._next: dict[Any, int] = {}
+
+    def reset(self) -> None:
+        """Forget positions (call on every rebalance)."""
+        self._next.clear()
+
+    def check(self, tp: Any, offset: int) -> bool:
+        """Return False for a record already processed; exit on a gap."""
+        expected = self._next.get(tp)
+        if expected is not None and offset < expected:
+            return False
+        if expected is not None and offset > expected:
+            logger.error(
+                "records skipped by the consumer topic=%s partition=%s"
+                " offsets=%d..%d; exiting so they are read again",
+                tp.topic,
+                tp.partition,
+                expected,
+                offset - 1,
+            )
+            logging.shutdown()
+            os._exit(self.EXIT_CODE)
+        self._next[tp] = offset + 1
+        return True
 
 
 def _now_ms() -> int:
@@ -170,6 +221,7 @@ class WorkerState:
     exporter: Any = None
     export_failed: bool = False
     stores: list[WriteBackStore] = field(default_factory=list)
+    gaps: GapDetector = field(default_factory=lambda: GapDetector())
     # device_id -> wall time (ms) when its open windows may be idle.
     idle_deadlines: dict[str, int] = field(default_factory=dict)
     started_at_ms: int = field(default_factory=_now_ms)
@@ -268,6 +320,8 @@ def create_app(settings: Settings) -> faust.App:
     async def process(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             message = event.message
+            if not state.gaps.check(message.tp, message.offset):
+                continue
             key = message.key or b""
             device_id = key.decode(errors="replace")
             store.partition = message.partition
@@ -330,12 +384,17 @@ def create_app(settings: Settings) -> faust.App:
                 raise
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def drop_unwritten_state(app: faust.App, *args: Any, **kwargs: Any) -> None:
-        # Offsets are committed only after a flush of the stores, so what is still
-        # buffered belongs to records the next owner reads again.
-        for store in state.stores:
-            store.discard()
+    async def write_state_before_handover(
+        app: faust.App, *args: Any, **kwargs: Any
+    ) -> None:
+        # Faust has stopped the agent; before anyone else is assigned our
+        # partitions, make every state change durable, so the next owner's
+        # recovery reads it (a partition kept by this worker is read again from
+        # its committed offset, which the applied offsets make harmless).
+        state.flush_tables()
+        await _flush_produced_so_far(app.producer)
         state.idle_deadlines.clear()
+        state.gaps.reset()
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def stop_companions(app: faust.App, *args: Any, **kwargs: Any) -> None:

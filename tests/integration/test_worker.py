@@ -18,6 +18,7 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from models.detectors import DEFAULT_THRESHOLD, DetectorSpec
+from streams.app import GapDetector
 from streams.scorecsv import score_csv
 from tests.integration.brokers import (
     MQTT_HOST,
@@ -61,6 +62,7 @@ class Worker:
             EDGE_KAFKA_SESSION_TIMEOUT_S="6",
             **env,
         )
+        self.restarts = 0
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
@@ -73,6 +75,11 @@ class Worker:
         return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2.0)
 
     def ready(self) -> bool:
+        # Like the compose restart policy: a worker that exited with 75 (it saw
+        # records skipped by the consumer) is started again.
+        if self.process.poll() == GapDetector.EXIT_CODE:
+            self.restarts += 1
+            self.restart()
         try:
             return self.get("/health").status_code == 200
         except httpx.HTTPError:
@@ -83,6 +90,14 @@ class Worker:
 
     def counters(self) -> dict[str, Any]:
         return dict(self.get("/counters").json())
+
+
+def _owns_partitions(worker: Worker) -> bool:
+    try:
+        body = worker.get("/health").json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return bool(body.get("ready")) and 0 < body["assigned_partitions"] < 8
 
 
 def _start_pipeline(
@@ -280,6 +295,12 @@ def test_worker_killed_mid_stream_keeps_windows_exact_and_cooldowns(
     readings, sent = _stream(devices=20, per_device=300, seed=5)
     reference = _reference(readings)
     w1, w2 = _start_pipeline(processes, run, workers=2, EDGE_RULES_FILE=str(rules))
+    # Let the group settle (each worker owns partitions) before data flows.
+    wait_until(
+        lambda: _owns_partitions(w1) and _owns_partitions(w2),
+        timeout_s=60,
+        what="both workers to own partitions",
+    )
     publisher = Publisher()
     hot = [(f"dev{d:02d}", T0 + 5_000, 5000.0) for d in range(20)]
 
