@@ -79,6 +79,8 @@ class FlushingConsumer(faust_aiokafka.Consumer):
         if state is not None:
             state.flush_tables()
         await _flush_produced_so_far(self.app.producer)
+        # Let the delivery callbacks of what was flushed run (one may exit).
+        await asyncio.sleep(0)
         result: bool = await super()._commit_offsets(
             offsets, start_new_transaction=start_new_transaction
         )
@@ -111,7 +113,7 @@ class GapDetector:
     commit. Exit code 75 (temporary failure) tells a supervisor to restart it.
     """
 
-    EXIT_CODE = 75
+    EXIT_CODE = 75  # EXIT_FOR_RESTART
 
     def __init__(self) -> None:
         self._next: dict[Any, int] = {}
@@ -134,10 +136,18 @@ class GapDetector:
                 expected,
                 offset - 1,
             )
-            logging.shutdown()
-            os._exit(self.EXIT_CODE)
+            _exit_for_restart()
         self._next[tp] = offset + 1
         return True
+
+
+EXIT_FOR_RESTART = 75  # temporary failure: a supervisor restarts the worker
+
+
+def _exit_for_restart() -> None:
+    """Exit at once, before any further commit, so the records are read again."""
+    logging.shutdown()
+    os._exit(EXIT_FOR_RESTART)
 
 
 def _now_ms() -> int:
@@ -234,6 +244,23 @@ class WorkerState:
         for store in self.stores:
             store.flush()
 
+    def on_delivered(self, delivery: asyncio.Future[Any]) -> None:
+        """Exit when Kafka refused an output for good (after its own retries).
+
+        Its source record's offset must not be committed: the commit hook
+        lets these callbacks run first, and a restart produces it again.
+        """
+        if delivery.cancelled():
+            error: BaseException | None = asyncio.CancelledError()
+        else:
+            error = delivery.exception()
+        if error is not None:
+            logger.error(
+                "an output was not delivered to Kafka (%r); exiting so its"
+                " source record is processed again", error,
+            )  # fmt: skip
+            _exit_for_restart()
+
 
 def create_app(settings: Settings) -> faust.App:
     """Build the worker's Faust app, its topics, tables, agent, timer and views.
@@ -258,7 +285,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.web_port,
         web_in_thread=False,
         producer_acks=-1,
-        producer_linger_ms=0,
+        producer_linger_ms=settings.kafka_linger_ms,
         processing_guarantee="at_least_once",
         broker_commit_every=1000,
         broker_commit_interval=1.0,
@@ -274,12 +301,6 @@ def create_app(settings: Settings) -> faust.App:
     raw_topic = app.topic(
         settings.topic("telemetry-raw"), key_serializer="raw", value_serializer="raw"
     )
-    out_topics = {
-        name: app.topic(
-            settings.topic(name), key_serializer="raw", value_serializer="raw"
-        )
-        for name in PIPELINE_TOPICS
-    }
     # Keys and values are the pipeline's own compact bytes: bytes types make Faust
     # use the raw codec for the changelogs (its default would be JSON).
     devices = app.Table(
@@ -298,19 +319,30 @@ def create_app(settings: Settings) -> faust.App:
     )
     app.edge_state = state  # type: ignore[attr-defined]
 
+    topic_names = {name: settings.topic(name) for name in PIPELINE_TOPICS}
+
+    async def send(name: str, key: bytes, value: bytes) -> None:
+        # Straight to the producer: Faust's Topic.send costs more than the step
+        # itself. The commit hook waits for these like for Faust's own sends.
+        delivery = await app.producer.send(
+            topic_names[name], key, value, partition=None, timestamp=None,
+            headers=None,
+        )  # fmt: skip
+        delivery.add_done_callback(state.on_delivered)  # type: ignore[attr-defined]
+
     async def emit(device_id: str, key: bytes, out: Outputs) -> None:
         if settings.publish_readings:
             for reading in out.readings:
-                await out_topics["readings"].send(key=key, value=reading.to_json())
+                await send("readings", key, reading.to_json())
         for summary in out.summaries:
-            await out_topics["window-summaries"].send(key=key, value=summary.to_json())
+            await send("window-summaries", key, summary.to_json())
         for anomaly in out.anomalies:
-            await out_topics["anomalies"].send(key=key, value=anomaly.to_json())
+            await send("anomalies", key, anomaly.to_json())
         for decision in out.decisions:
-            await out_topics["decisions"].send(key=key, value=decision.to_json())
+            await send("decisions", key, decision.to_json())
             _send_command(state.commands, decision)
         for letter in out.dead_letters:
-            await out_topics["dead-letters"].send(key=key, value=letter.to_json())
+            await send("dead-letters", key, letter.to_json())
         if out.next_idle_deadline_ms is None:
             state.idle_deadlines.pop(device_id, None)
         else:
@@ -324,24 +356,17 @@ def create_app(settings: Settings) -> faust.App:
                 continue
             key = message.key or b""
             device_id = key.decode(errors="replace")
-            store.partition = message.partition
-            tick_ms = _tick_ms(message.headers)
-            if tick_ms is not None:
-                out = state.pipeline.close_idle(
-                    device_id=device_id,
-                    tick_ms=tick_ms,
-                    store=store,
-                )
-            else:
-                out = state.pipeline.process_raw(
-                    device_id=device_id,
-                    payload=message.value or b"",
-                    received_ms=_received_ms(message.headers),
-                    source=f"kafka:{message.topic}",
-                    partition=message.partition,
-                    offset=message.offset,
-                    store=store,
-                )
+            try:
+                out = _step(state.pipeline, store, message, device_id)
+            except Exception:
+                # The device's state may be half changed in memory: stop before
+                # anything of it is committed; a restart reads the record again.
+                logger.exception(
+                    "pipeline step failed topic=%s partition=%s offset=%s;"
+                    " exiting so it is read again",
+                    message.topic, message.partition, message.offset,
+                )  # fmt: skip
+                _exit_for_restart()
             await emit(device_id, key, out)
 
     tick_interval_s = max(0.2, min(settings.idle_timeout_s / 4, 5.0))
@@ -393,6 +418,8 @@ def create_app(settings: Settings) -> faust.App:
         # its committed offset, which the applied offsets make harmless).
         state.flush_tables()
         await _flush_produced_so_far(app.producer)
+        for store in state.stores:
+            store.forget_objects()  # the next owner may change them
         state.idle_deadlines.clear()
         state.gaps.reset()
 
@@ -447,6 +474,25 @@ def _update_rate(state: WorkerState, now_ms: int) -> None:
     state.readings_per_s = (readings - state.last_rate_readings) * 1000 / elapsed_ms
     state.last_rate_readings = readings
     state.last_rate_at_ms = now_ms
+
+
+def _step(
+    pipeline: Pipeline, store: WriteBackStore, message: Any, device_id: str
+) -> Outputs:
+    """Run the pipeline on one ``telemetry-raw`` record or idle tick."""
+    store.partition = message.partition
+    tick_ms = _tick_ms(message.headers)
+    if tick_ms is not None:
+        return pipeline.close_idle(device_id=device_id, tick_ms=tick_ms, store=store)
+    return pipeline.process_raw(
+        device_id=device_id,
+        payload=message.value or b"",
+        received_ms=_received_ms(message.headers),
+        source=f"kafka:{message.topic}",
+        partition=message.partition,
+        offset=message.offset,
+        store=store,
+    )
 
 
 def _received_ms(headers: Any) -> int:

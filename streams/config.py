@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     publish_readings: bool = Field(
         True, description="also produce every normalized reading to `readings`"
     )
+    kafka_linger_ms: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="the worker's Kafka producer waits this long to batch outputs"
+        " (MQTT commands are not delayed)",
+    )
     kafka_session_timeout_s: float = Field(
         10.0,
         gt=0,

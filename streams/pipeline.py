@@ -37,6 +37,7 @@ from models.normalize import normalize_payload
 from models.records import AnomalyScore, DeadLetter, Decision, Reading, WindowSummary
 from models.rules import Evaluation, RuleSet, RuleState, decide
 from models.windows import ClosedWindow, SeriesWindows, WindowSpec, summarize
+from streams.tablestore import WriteBackStore
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,8 @@ class Pipeline:
                 )
             )  # fmt: skip
 
-        state = _DeviceState.decode(store.get(device_id.encode()))
+        key = device_id.encode()
+        state = _load_state(store, key)
         if offset is not None and offset <= state.applied_offset:
             self.counters.replayed += 1
             return out
@@ -247,7 +249,7 @@ class Pipeline:
                 )
         if offset is not None:
             state.applied_offset = offset
-        store[device_id.encode()] = state.encode()
+        _save_state(store, key, state)
         out.next_idle_deadline_ms = self._device_deadline(state)
         return out
 
@@ -261,10 +263,8 @@ class Pipeline:
         and the next wall time at which the device's remaining windows may go idle.
         """
         out = Outputs()
-        raw = store.get(device_id.encode())
-        if raw is None:
-            return out
-        state = _DeviceState.decode(raw)
+        key = device_id.encode()
+        state = _load_state(store, key)
         for metric in list(state.blobs):
             series = self._series(state, metric, None)
             closed = list(series.tumbling.close_idle(tick_ms))
@@ -274,16 +274,13 @@ class Pipeline:
                 self.counters.idle_closes += len(closed)
                 self._emit_windows(device_id, metric, series, closed, state.rules, out)
         if out.summaries:
-            store[device_id.encode()] = state.encode()
+            _save_state(store, key, state)
         out.next_idle_deadline_ms = self._device_deadline(state)
         return out
 
     def device_deadline(self, device_id: str, store: StateStore) -> int | None:
         """Return the earliest idle deadline of the device's series (from state)."""
-        raw = store.get(device_id.encode())
-        if raw is None:
-            return None
-        state = _DeviceState.decode(raw)
+        state = _load_state(store, device_id.encode())
         for metric in list(state.blobs):
             self._series(state, metric, None)
         return self._device_deadline(state)
@@ -384,6 +381,7 @@ class Pipeline:
         raw = state.blobs.get(metric)
         if raw is not None:
             series = self._decode_series(raw, metric)
+            state.blobs[metric] = b""  # encode() uses the decoded series from now on
         else:
             hopping = self.config.hopping
             series = _Series(
@@ -467,6 +465,20 @@ class Pipeline:
             "window", reason, source, reading.device_id, partition, offset,
             received_ms, payload, reading.metric,
         )  # fmt: skip
+
+
+def _load_state(store: StateStore, key: bytes) -> _DeviceState:
+    """Return the device's state; a caching store hands out its decoded object."""
+    if isinstance(store, WriteBackStore):
+        return store.load(key, _DeviceState.decode)
+    return _DeviceState.decode(store.get(key))
+
+
+def _save_state(store: StateStore, key: bytes, state: _DeviceState) -> None:
+    if isinstance(store, WriteBackStore):
+        store.save(key, state)
+    else:
+        store[key] = state.encode()
 
 
 def default_threshold() -> float:

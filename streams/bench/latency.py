@@ -1,12 +1,23 @@
-"""``bench latency``: MQTT publish to decision on Kafka, at a steady reading rate.
+"""``bench latency``: MQTT publish to the local action, at a steady reading rate.
 
 The bridge and the worker run as child processes with this run's names and a
 rules file holding one rule that fires on every reading of the metric
-``benchlat`` (``value >= 0``, no cooldown). A publisher sends one reading per
-message at ``rate_per_s`` (QoS 1, 10 devices), each carrying a sequence number
-as its value; a consumer in this process reads ``decisions`` and matches each
-decision to its send time by the observed value in its evidence. Latency is the
-consumer's receive time minus the send time (same clock).
+``benchlat`` (``value >= 0``, no cooldown), with an MQTT command carrying the
+reading's value. A publisher sends one reading per message at ``rate_per_s``
+(QoS 1, 10 devices), each carrying a sequence number as its value. Two latencies
+per reading, both against its send time on the same clock:
+
+* **command**: publish to the decision's MQTT command arriving at a subscriber
+  in this process (QoS 1): the local response path, raw -> decision -> action;
+* **decision record**: publish to the decision arriving on the ``decisions``
+  topic, read by a consumer in this process: one Kafka hop more.
+
+The target phase publishes ``rate_per_s`` readings/s of which 1 in
+``decide_every`` is of the deciding metric; the others (metric ``benchload``) go
+through normalize, windows, detector and rules like any reading, so the load is
+the full reading rate while decisions stay as rare as rules with cooldowns make
+them at a site. A last phase at the same rate where every reading decides shows
+the worst case.
 
 Baseline, earlier in the same run and at the same rate: MQTT publish to a bare
 paho subscriber's receive, on topics outside the bridge's pattern so that the
@@ -23,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -46,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 BENCH = "latency"
 METRIC = "benchlat"
+LOAD_METRIC = "benchload"
 N_DEVICES = 10
 WARM_UP = 100
 WARM_UP_ID = 10_000_000  # warm-up values start here, far above any measured id
@@ -53,15 +65,18 @@ START_TIMEOUT_S = 90.0  # worker start-up with group join takes 10-30 s here
 DRAIN_TIMEOUT_S = 60.0
 PHASE_IDS = 1_000_000  # ids of phase k start at k * PHASE_IDS
 
-RULES_YAML = f"""\
+RULES_YAML = """\
 version: 1
 rules:
   - id: bench-every-reading
     description: fires on every reading of the latency bench
-    match: {{metric: {METRIC}}}
+    match: {{metric: {metric}}}
     when: {{field: value, op: ">=", threshold: 0}}
     cooldown_s: 0
     action: bench_record
+    command:
+      topic: "{command_root}/{{device_id}}/cmd"
+      payload: {{seq: "{{value}}"}}
 """
 
 
@@ -125,6 +140,40 @@ class _DecisionReader(threading.Thread):
             await consumer.stop()
 
 
+class _CommandListener:
+    """Subscribe to the bench rule's MQTT commands; note each one's arrival."""
+
+    def __init__(self, run: BenchRun, root: str) -> None:
+        self.arrived_ns: dict[int, int] = {}
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=run.client_id("commands"),
+            protocol=mqtt.MQTTv311,
+        )
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *args: self._subscribed.set()
+        self._client.connect(run.settings.mqtt_host, run.settings.mqtt_port_from_url)
+        self._client.loop_start()
+        self._client.subscribe(f"{root}/+/cmd", qos=1)
+        if not self._subscribed.wait(10.0):
+            raise TimeoutError("the command subscription was not acknowledged")
+
+    def _on_message(
+        self, client: Any, userdata: Any, message: mqtt.MQTTMessage
+    ) -> None:
+        now_ns = time.time_ns()
+        try:
+            seq = int(float(orjson.loads(message.payload)["seq"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
+        self.arrived_ns.setdefault(seq, now_ns)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
 def _publisher(run: BenchRun, role: str) -> mqtt.Client:
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
@@ -142,8 +191,17 @@ def _publish_paced(
     topics: list[str],
     ids: range,
     rate_per_s: float,
+    decide_every: int = 1,
 ) -> dict[int, int]:
-    """Publish one reading per id at ``rate_per_s``; return each id's send time."""
+    """Publish one reading per id at ``rate_per_s``.
+
+    Every ``decide_every``-th reading is of the metric the bench rule decides
+    on; the others (metric ``LOAD_METRIC``) go through the same pipeline, are
+    windowed and scored, but decide nothing.
+
+    Returns:
+        The send time of each deciding reading's id.
+    """
     sent_ns: dict[int, int] = {}
     started = time.perf_counter()
     for i, seq in enumerate(ids):
@@ -151,8 +209,11 @@ def _publish_paced(
         if delay_s > 0:
             time.sleep(delay_s)
         now_ns = time.time_ns()
-        payload = orjson.dumps({"time": now_ns // 1_000_000, METRIC: seq})
-        sent_ns[seq] = now_ns
+        deciding = seq % decide_every == 0
+        metric = METRIC if deciding else LOAD_METRIC
+        payload = orjson.dumps({"time": now_ns // 1_000_000, metric: seq})
+        if deciding:
+            sent_ns[seq] = now_ns
         client.publish(topics[i % len(topics)], payload, qos=1)
     return sent_ns
 
@@ -190,17 +251,35 @@ def _bare_latencies_ms(run: BenchRun, n: int, rate_per_s: float) -> list[float]:
     return [(arrived_ns[s] - sent_ns[s]) / 1e6 for s in sent_ns if s in arrived_ns]
 
 
-def _pipeline_latencies_ms(
-    run: BenchRun, phases: list[tuple[float, int]]
-) -> list[tuple[list[float], list[float]]]:
-    """Publish through bridge and worker, one phase per (rate, count).
+class _Phase(NamedTuple):
+    """Latencies (ms) of one phase, of the readings whose answer came back."""
+
+    command: list[float]
+    record: list[float]
+    decided: list[float]
+
+
+class PhaseSpec(NamedTuple):
+    """One measured phase: readings per second, how many, 1 in how many decides."""
+
+    rate_per_s: float
+    readings: int
+    decide_every: int
+
+
+def _pipeline_latencies_ms(run: BenchRun, phases: list[PhaseSpec]) -> list[_Phase]:
+    """Publish through bridge and worker, one phase after the other.
 
     Returns:
-        Per phase, the publish -> decision received latencies and the publish ->
-        ``decided_at_ms`` latencies, of the readings whose decision came back.
+        Per phase, publish -> command received, publish -> decision record
+        received and publish -> ``decided_at_ms``.
     """
+    command_root = f"bench/{run.label}-{run.id}-commands"
     rules = run.log_dir / "rules.yaml"
-    rules.write_text(RULES_YAML, encoding="utf-8")
+    rules.write_text(
+        RULES_YAML.format(metric=METRIC, command_root=command_root), encoding="utf-8"
+    )
+    commands = _CommandListener(run, command_root)
     port = free_port()
     env = run.env(
         EDGE_WEB_PORT=str(port), EDGE_WORKER_ID=run.id, EDGE_RULES_FILE=str(rules)
@@ -236,19 +315,26 @@ def _pipeline_latencies_ms(
             raise TimeoutError(f"no decision came back; logs in {run.log_dir}")
         time.sleep(2.0)
 
-        for number, (rate_per_s, n) in enumerate(phases):
-            ids = range(number * PHASE_IDS, number * PHASE_IDS + n)
-            sent.append(_publish_paced(publisher, topics, ids, rate_per_s))
+        for number, phase in enumerate(phases):
+            ids = range(number * PHASE_IDS, number * PHASE_IDS + phase.readings)
+            sent_ns = _publish_paced(
+                publisher, topics, ids, phase.rate_per_s, phase.decide_every
+            )
+            sent.append(sent_ns)
             # A pipeline slower than the rate builds a backlog: wait for it to
             # drain, within a bound, and count what never came back.
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             while time.monotonic() < deadline:
-                if all(seq in reader.arrived_ns for seq in ids):
+                if all(
+                    seq in reader.arrived_ns and seq in commands.arrived_ns
+                    for seq in sent_ns
+                ):
                     break
                 time.sleep(0.2)
             time.sleep(1.0)
     finally:
         reader.stopping.set()
+        commands.stop()
         if publisher is not None:
             publisher.disconnect()
             publisher.loop_stop()
@@ -259,9 +345,17 @@ def _pipeline_latencies_ms(
     results = []
     for sent_ns in sent:
         arrived = [s for s in sent_ns if s in reader.arrived_ns]
-        total = [(reader.arrived_ns[s] - sent_ns[s]) / 1e6 for s in arrived]
-        decided = [reader.decided_at_ms[s] - sent_ns[s] / 1e6 for s in arrived]
-        results.append((total, decided))
+        results.append(
+            _Phase(
+                command=[
+                    (commands.arrived_ns[s] - sent_ns[s]) / 1e6
+                    for s in sent_ns
+                    if s in commands.arrived_ns
+                ],
+                record=[(reader.arrived_ns[s] - sent_ns[s]) / 1e6 for s in arrived],
+                decided=[reader.decided_at_ms[s] - sent_ns[s] / 1e6 for s in arrived],
+            )
+        )
     return results
 
 
@@ -269,55 +363,81 @@ def run(
     rate_per_s: float = 1_000.0,
     duration_s: float = 10.0,
     low_rate_per_s: float = 100.0,
+    decide_every: int = 10,
     **_: Any,
 ) -> list[BenchFigure]:
     """Measure publish -> decision latency against publish -> bare subscriber.
 
+    Three phases, one after the other:
+
+    1. ``low_rate_per_s`` readings/s, every reading decides: latency without load;
+    2. ``rate_per_s`` readings/s, 1 in ``decide_every`` decides (the target);
+    3. ``rate_per_s`` readings/s, every reading decides: the stress case.
+
     Args:
         rate_per_s: readings published per second (one per MQTT message).
         duration_s: length of each measured phase.
-        low_rate_per_s: rate of a first phase the pipeline can keep up with, to
-            show its latency without a backlog.
+        low_rate_per_s: rate of the first phase.
+        decide_every: 1 in how many readings of the target phase the rule fires.
 
     Returns:
-        p50 and p99 at ``low_rate_per_s`` and at ``rate_per_s`` against the bare
-        MQTT baseline at ``rate_per_s``; the notes say how many came back.
+        p50 and p99 per phase and path against the bare MQTT baseline at
+        ``rate_per_s``; the notes say how many came back.
     """
     bench_run = BenchRun(BENCH)
     n = round(rate_per_s * duration_s)
-    low_n = round(low_rate_per_s * duration_s)
+    specs = [
+        PhaseSpec(low_rate_per_s, round(low_rate_per_s * duration_s), 1),
+        PhaseSpec(rate_per_s, n, decide_every),
+        PhaseSpec(rate_per_s, n, 1),
+    ]
     try:
         bare = _bare_latencies_ms(bench_run, n, rate_per_s)
-        phases = _pipeline_latencies_ms(
-            bench_run, [(low_rate_per_s, low_n), (rate_per_s, n)]
-        )
+        phases = _pipeline_latencies_ms(bench_run, specs)
     finally:
         cleanup_topics(bench_run)
 
     bare_name = f"MQTT publish to bare subscriber, {rate_per_s:,.0f}/s"
     figures = []
-    for rate, count, (total, decided) in zip(
-        (low_rate_per_s, rate_per_s), (low_n, n), phases, strict=True
-    ):
-        at_target_rate = rate == rate_per_s
-        for label, fraction, target_ms in (("p50", 0.5, 5.0), ("p99", 0.99, 10.0)):
-            value = percentile(total, fraction) if total else math.nan
-            base = percentile(bare, fraction)
-            split = percentile(decided, fraction) if decided else math.nan
-            figures.append(
-                BenchFigure(
-                    bench=BENCH,
-                    name=f"publish to decision {label}, {rate:,.0f}/s",
-                    value=value,
-                    unit="ms",
-                    baseline=base,
-                    baseline_name=bare_name,
-                    ratio=value / base if base > 0 else None,
-                    target=f"< {target_ms:g} ms" if at_target_rate else None,
-                    met=value < target_ms if at_target_rate else None,
-                    note=f"{len(total):,} of {count:,} decisions came back within"
-                    f" {DRAIN_TIMEOUT_S:g} s of the phase's end; {label} publish to"
-                    f" the worker's decided_at_ms: {split:.1f} ms (ms resolution)",
+    for number, (spec, phase) in enumerate(zip(specs, phases, strict=True)):
+        is_target = number == 1
+        decisions = math.ceil(spec.readings / spec.decide_every)
+        what = (
+            f"{spec.rate_per_s:,.0f}/s"
+            if spec.decide_every == 1
+            else f"{spec.rate_per_s:,.0f}/s, 1 in {spec.decide_every} decides"
+        )
+        if spec.decide_every == 1 and spec.rate_per_s == rate_per_s:
+            what += ", every reading decides"
+        paths = [("command", phase.command)]
+        if is_target:
+            paths.append(("decision record", phase.record))
+        for path, values in paths:
+            for label, fraction, target_ms in (("p50", 0.5, 5.0), ("p99", 0.99, 10.0)):
+                value = percentile(values, fraction) if values else math.nan
+                base = percentile(bare, fraction)
+                note = (
+                    f"{len(values):,} of {decisions:,} came back within"
+                    f" {DRAIN_TIMEOUT_S:g} s of the phase's end"
                 )
-            )
+                if path == "command" and phase.decided:
+                    split = percentile(phase.decided, fraction)
+                    note += (
+                        f"; {label} publish to the worker's decided_at_ms:"
+                        f" {split:.1f} ms (ms resolution)"
+                    )
+                figures.append(
+                    BenchFigure(
+                        bench=BENCH,
+                        name=f"publish to {path} {label}, {what}",
+                        value=value,
+                        unit="ms",
+                        baseline=base,
+                        baseline_name=bare_name,
+                        ratio=value / base if base > 0 else None,
+                        target=f"< {target_ms:g} ms" if is_target else None,
+                        met=value < target_ms if is_target else None,
+                        note=note,
+                    )
+                )
     return figures

@@ -191,3 +191,107 @@ def test_write_back_store_refuses_a_write_without_partition() -> None:
 
     with pytest.raises(RuntimeError, match="partition"):
         store[b"a"] = b"1"
+
+
+class _Counted:
+    """A state object that counts how often it was encoded."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+        self.encoded = 0
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> _Counted:
+        return cls(raw or b"")
+
+    def encode(self) -> bytes:
+        self.encoded += 1
+        return self.value
+
+
+def test_write_back_store_encodes_a_saved_object_once_per_flush() -> None:
+    table = _Table()
+    store = WriteBackStore(table)
+    store.partition = 1
+    obj = store.load(b"a", _Counted.decode)
+    for text in (b"x", b"xy", b"xyz"):
+        obj.value = text
+        store.save(b"a", obj)
+        assert store.load(b"a", _Counted.decode) is obj
+
+    store.flush()
+
+    assert obj.encoded == 1
+    assert table.changelog == [(1, b"a", b"xyz")]
+    assert store.load(b"a", _Counted.decode) is obj  # still cached after the flush
+
+
+def test_write_back_store_reads_a_dirty_object_as_its_bytes() -> None:
+    store = WriteBackStore(_Table())
+    store.partition = 0
+    obj = _Counted(b"state")
+    store.save(b"a", obj)
+
+    assert store[b"a"] == b"state" and sorted(store) == [b"a"]
+
+
+def test_write_back_store_decodes_table_values_and_does_not_cache_missing_keys() -> None:
+    table = _Table()
+    table.data[b"a"] = b"from-changelog"
+    store = WriteBackStore(table)
+
+    assert store.load(b"a", _Counted.decode).value == b"from-changelog"
+    assert store.load(b"missing", _Counted.decode).value == b""
+    assert store.cached_count == 1
+
+
+def test_write_back_store_keeps_at_most_max_cached_objects_after_a_flush() -> None:
+    table = _Table()
+    store = WriteBackStore(table, max_cached=2)
+    store.partition = 0
+    for key in (b"a", b"b", b"c"):
+        store.save(key, _Counted(key))
+
+    store.flush()
+
+    assert store.cached_count == 2
+    # An evicted key is decoded again from the table.
+    assert store.load(b"a", _Counted.decode).value == b"a"
+
+
+def test_write_back_store_forgets_objects_when_partitions_change_hands() -> None:
+    table = _Table()
+    store = WriteBackStore(table)
+    store.partition = 0
+    store.save(b"a", _Counted(b"mine"))
+    store.flush()
+    table.data[b"a"] = b"written-by-the-next-owner"
+
+    store.forget_objects()
+
+    assert store.load(b"a", _Counted.decode).value == b"written-by-the-next-owner"
+
+
+def test_pipeline_gives_the_same_outputs_on_a_write_back_store_as_on_a_dict() -> None:
+    readings = [
+        {"time": T0 + i * 7_000, "temp": 50.0 + (i % 5) + (60.0 if i == 40 else 0.0)}
+        for i in range(60)
+    ]
+    plain, cached = _pipeline(), _pipeline()
+    store_dict: dict[bytes, bytes] = {}
+    table = _Table()
+    store = WriteBackStore(table, max_cached=1)
+    store.partition = 0
+    outs_dict, outs_cached = [], []
+    for offset, body in enumerate(readings):
+        outs_dict.append(_raw(plain, store_dict, body, offset))
+        outs_cached.append(_raw(cached, store, body, offset))  # type: ignore[arg-type]
+        if offset % 7 == 0:
+            store.flush()
+            store.forget_objects()
+    store.flush()
+
+    assert outs_cached == outs_dict
+    assert sum(len(o.decisions) for o in outs_dict) == 1
+    assert sum(len(o.summaries) for o in outs_dict) == 6
+    assert table.data == store_dict
