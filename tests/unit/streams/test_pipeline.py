@@ -235,7 +235,7 @@ def test_write_back_store_reads_a_dirty_object_as_its_bytes() -> None:
     assert store[b"a"] == b"state" and sorted(store) == [b"a"]
 
 
-def test_write_back_store_decodes_table_values_and_does_not_cache_missing_keys() -> None:
+def test_write_back_store_decodes_table_values_and_skips_missing_keys() -> None:
     table = _Table()
     table.data[b"a"] = b"from-changelog"
     store = WriteBackStore(table)
