@@ -161,6 +161,9 @@ def _describe(value: Any) -> str:
         return "object"
     if kind is list:
         return "array"
+    if kind is str:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return f"str {json.dumps(shown, ensure_ascii=False)}"
     return kind.__name__
 
 

@@ -1157,6 +1157,14 @@ def _parse(
             parser.problem(include, "include", message)
             continue
         target_path = (path.parent / target).resolve()
+        if not target_path.is_file():
+            parser.problem(
+                include,
+                "include",
+                f"no such file: {target_path} (paths are relative to this file;"
+                " copy the included files too)",
+            )
+            continue
         if target_path in seen or target_path == path.resolve():
             parser.problem(include, "include", f"includes itself: {target}")
             continue

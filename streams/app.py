@@ -162,7 +162,9 @@ def load_ruleset(settings: Settings) -> RuleSet:
     """
     path = settings.rules_file or PROJECT_RULES_DIR / "demo.yaml"
     try:
-        return load_rules(path)
+        ruleset = load_rules(path)
+        logger.info("rules loaded file=%s rules=%d", path, len(ruleset.rules))
+        return ruleset
     except RuleSetError as exc:
         problems = "\n".join(str(p) for p in exc.problems)
         raise ConfigError(
@@ -433,7 +435,10 @@ def create_app(settings: Settings) -> faust.App:
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            assigned = len(app.consumer.assignment()) if app.consumer else 0
+            # Partitions of telemetry-raw only (the changelog's are assigned too).
+            source = raw_topic.get_topic_name()
+            tps = app.consumer.assignment() if app.consumer else set()
+            assigned = len([tp for tp in tps if tp.topic == source])
             kafka_ok = await _kafka_reachable(app)
             export_ok = not state.export_failed
             ready = kafka_ok and assigned > 0 and not app.rebalancing and export_ok

@@ -204,9 +204,22 @@ def run_demo(
     stack = LocalStack(settings, say=say)
     started_servers: list[str] = []
     if options.manage_stack:
-        stopped = [n for n, line in stack.status().items() if line == "stopped"]
-        stack.up()
-        started_servers = stopped
+        started_servers = stack.up()
+        if (
+            options.collector_output is None
+            and not settings.otlp_endpoint
+            and stack.is_external("collector")
+        ):
+            # That collector writes what it receives to a file of its own stack,
+            # out of this demo's sight: run one of ours on a free port instead.
+            settings = settings.model_copy(update={"collector_port": _free_port()})
+            stack = LocalStack(settings, say=say)
+            say(
+                "starting a collector of this demo on"
+                f" 127.0.0.1:{settings.collector_port}"
+            )
+            stack.start_server("collector")
+            started_servers.append("collector")
     collector_output = options.collector_output or stack.collector_output
     run = DemoRun(run_id=_run_id(), web_port=_free_port())
     say(f"demo run {run.run_id}: topics {run.prefix}*, web port {run.web_port}")
@@ -640,7 +653,8 @@ def _report(results: DemoResults, options: DemoOptions) -> list[str]:
     accounted = results.exported_window_count + results.dead_lettered_readings
     verdict = "OK" if results.balanced else "MISMATCH"
     lines += [
-        f"accounting: exported window counts {results.exported_window_count}"
+        "accounting: readings counted in the windows the collector received"
+        f" {results.exported_window_count}"
         f" + dead-lettered readings {results.dead_lettered_readings}"
         f" = {accounted}; published {results.published}: {verdict}",
         f"OTLP exported to the collector: {results.exported_points} summary points,"

@@ -57,7 +57,6 @@ class Server:
     name: str
     port: int
     argv: list[str]
-    ready: Callable[[], bool]
     env: dict[str, str] | None = None
 
 
@@ -74,21 +73,59 @@ class LocalStack:
 
     # -- public commands -----------------------------------------------------------
 
-    def up(self) -> None:
-        """Install what is missing, start what is not running, wait until ready."""
+    def up(self) -> list[str]:
+        """Install what is missing, start what is not running, wait until ready.
+
+        A server already answering on its port but not started by this stack
+        (another checkout's, or the user's own) is used as it is: nothing is
+        installed or started for it, and ``down`` leaves it alone.
+
+        Returns:
+            The names of the servers this call started.
+        """
         for folder in (self.run_dir, self.log_dir, self.data_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        servers = [self._kafka(), self._mosquitto()]
-        if self.settings.collector:
-            servers.append(self._collector())
-        for server in servers:
-            self._start(server)
-        for server in servers:
-            self._wait_ready(server)
-            self.say(f"{server.name:<10} ready on 127.0.0.1:{server.port}")
+        started = []
+        for name in self.wanted:
+            if self._pid(name) is not None:
+                self.say(f"{name:<10} already running")
+            elif self.is_external(name):
+                self.say(
+                    f"{name:<10} already answering on 127.0.0.1:{self.port(name)}"
+                    " (not started by this stack; used as it is, left alone)"
+                )
+            else:
+                self._start(self._server(name))
+                started.append(name)
+        for name in self.wanted:
+            self._wait_ready(name)
+            self.say(f"{name:<10} ready on 127.0.0.1:{self.port(name)}")
+        return started
+
+    @property
+    def wanted(self) -> list[str]:
+        """The servers of this stack, in start order."""
+        return ["kafka", "mosquitto"] + (
+            ["collector"] if self.settings.collector else []
+        )
+
+    def port(self, name: str) -> int:
+        """Return the loopback port of server ``name``."""
+        s = self.settings
+        return {
+            "kafka": s.kafka_port,
+            "mosquitto": s.mqtt_port,
+            "collector": s.collector_port,
+        }[name]
+
+    def is_external(self, name: str) -> bool:
+        """Return True when a working ``name`` answers that this stack did not start."""
+        return self._pid(name) is None and self._answers(name)
 
     def down(self) -> None:
         """Stop the servers this stack started (by their pid files), then wait."""
+        if all(self._pid(name) is None for name in ("collector", "mosquitto", "kafka")):
+            self.say("nothing started by this stack is running")
         for name in ("collector", "mosquitto", "kafka"):
             pid = self._pid(name)
             if pid is None:
@@ -98,20 +135,18 @@ class LocalStack:
             (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
 
     def status(self) -> dict[str, str]:
-        """Return one line per server: running where, or stopped."""
-        ports = {
-            "kafka": self.settings.kafka_port,
-            "mosquitto": self.settings.mqtt_port,
-            "collector": self.settings.collector_port,
-        }
+        """Return one line per server: started here, answering, or stopped."""
         lines = {}
-        for name, port in ports.items():
+        for name in ("kafka", "mosquitto", "collector"):
+            port = self.port(name)
             pid = self._pid(name)
-            if pid is None:
-                lines[name] = "stopped"
-            else:
+            if pid is not None:
                 answering = "answering" if _port_open(port) else "not answering"
                 lines[name] = f"pid {pid}, 127.0.0.1:{port} {answering}"
+            elif self._answers(name):
+                lines[name] = f"127.0.0.1:{port} answering (not started by this stack)"
+            else:
+                lines[name] = "stopped"
         return lines
 
     def stop_server(self, name: str) -> None:
@@ -123,13 +158,8 @@ class LocalStack:
 
     def start_server(self, name: str) -> None:
         """Start one server again and wait until it answers."""
-        server = {
-            "kafka": self._kafka,
-            "mosquitto": self._mosquitto,
-            "collector": self._collector,
-        }[name]()
-        self._start(server)
-        self._wait_ready(server)
+        self._start(self._server(name))
+        self._wait_ready(name)
 
     @property
     def collector_output(self) -> Path:
@@ -137,6 +167,25 @@ class LocalStack:
         return self.data_dir / "collector" / "received.jsonl"
 
     # -- servers ----------------------------------------------------------------
+
+    def _server(self, name: str) -> Server:
+        """Install what server ``name`` needs and describe how it starts."""
+        return {
+            "kafka": self._kafka,
+            "mosquitto": self._mosquitto,
+            "collector": self._collector,
+        }[name]()
+
+    def _answers(self, name: str) -> bool:
+        port = self.port(name)
+        if not _port_open(port):
+            return False
+        check = {
+            "kafka": _kafka_answers,
+            "mosquitto": _mqtt_answers,
+            "collector": _http_answers,
+        }[name]
+        return check(port)
 
     def _kafka(self) -> Server:
         s = self.settings
@@ -200,7 +249,6 @@ class LocalStack:
             name="kafka",
             port=s.kafka_port,
             argv=[*jvm, "-cp", classpath, "kafka.Kafka", str(config)],
-            ready=lambda: _kafka_answers(s.kafka_port),
         )
 
     def _kafka_jars(self) -> Path:
@@ -251,7 +299,6 @@ class LocalStack:
             name="mosquitto",
             port=s.mqtt_port,
             argv=[binary, "-c", str(config)],
-            ready=lambda: _mqtt_answers(s.mqtt_port),
         )
 
     def _collector(self) -> Server:
@@ -267,7 +314,6 @@ class LocalStack:
             name="collector",
             port=s.collector_port,
             argv=[str(binary), "--config", str(config)],
-            ready=lambda: _http_answers(s.collector_port),
         )
 
     # -- process handling ---------------------------------------------------------
@@ -288,14 +334,6 @@ class LocalStack:
             self.say(f"{server.name:<10} already running")
             return
         if _port_open(server.port):
-            if server.ready():
-                # Another checkout's stack (or the user's own server) answers here:
-                # use it, and leave it alone on `down`.
-                self.say(
-                    f"{server.name:<10} already answering on 127.0.0.1:{server.port}"
-                    " (not started by this stack; left alone)"
-                )
-                return
             raise StackError(
                 f"port 127.0.0.1:{server.port} is taken by a process that is not a"
                 f" working {server.name}; stop it or choose another port"
@@ -314,22 +352,18 @@ class LocalStack:
         (self.run_dir / f"{server.name}.pid").write_text(str(process.pid))
         self.say(f"{server.name:<10} started (pid {process.pid})")
 
-    def _wait_ready(self, server: Server) -> None:
+    def _wait_ready(self, name: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
+        log = self.log_dir / f"{name}.log"
         while time.monotonic() < deadline:
-            if server.ready():
+            if self._answers(name):
                 return
-            if self._pid(server.name) is None:
-                raise StackError(
-                    f"{server.name} exited during start-up; see "
-                    f"{self.log_dir / (server.name + '.log')}"
-                )
-            if server.ready():
-                return
+            if self._pid(name) is None and not self._answers(name):
+                raise StackError(f"{name} exited during start-up; see {log}")
             time.sleep(0.3)
         raise StackError(
-            f"{server.name} did not answer on 127.0.0.1:{server.port} within "
-            f"{READY_TIMEOUT_S:.0f} s; see {self.log_dir / (server.name + '.log')}"
+            f"{name} did not answer on 127.0.0.1:{self.port(name)} within "
+            f"{READY_TIMEOUT_S:.0f} s; see {log}"
         )
 
 
@@ -507,8 +541,7 @@ def main_status(settings: Settings) -> int:
     lines = stack.status()
     for name, line in lines.items():
         sys.stdout.write(f"{name:<10} {line}\n")
-    wanted = ["kafka", "mosquitto"] + (["collector"] if settings.collector else [])
-    return 0 if all(lines[n] != "stopped" for n in wanted) else 1
+    return 0 if all(lines[n] != "stopped" for n in stack.wanted) else 1
 
 
 __all__ = ["ConfigError", "LocalStack", "StackError", "main_status"]

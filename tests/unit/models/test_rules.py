@@ -497,6 +497,20 @@ def test_include_reports_problems_with_the_included_file(tmp_path: Path) -> None
     ]
 
 
+def test_include_of_a_missing_file_is_reported_at_the_include_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "site.yaml").write_text("version: 1\ninclude:\n  - gone.yaml\n")
+
+    problems = check_rules(tmp_path / "site.yaml")
+
+    assert [str(p) for p in problems] == [
+        f"{tmp_path / 'site.yaml'}:3:5: include: no such file:"
+        f" {tmp_path / 'gone.yaml'} (paths are relative to this file; copy the"
+        " included files too)"
+    ]
+
+
 @pytest.mark.parametrize("name", ["industrial.yaml", "traffic.yaml", "demo.yaml"])
 def test_rule_packs_validate(name: str) -> None:
     assert check_rules(RULES_DIR / name) == []

@@ -114,7 +114,7 @@ def test_pipeline_keeps_good_metrics_of_a_message_with_a_bad_one() -> None:
 
     assert [r.metric for r in out.readings] == ["temp"]
     [letter] = out.dead_letters
-    assert letter.reason == 'field "rpm" must be a finite number, got str'
+    assert letter.reason == 'field "rpm" must be a finite number, got str "fast"'
 
 
 def test_pipeline_cooldown_suppresses_the_second_firing() -> None:
