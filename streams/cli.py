@@ -316,7 +316,7 @@ def score_csv_command(file: Path, detector_name: str) -> None:
 @click.option(
     "--quick",
     is_flag=True,
-    help="replay the first rows of two NAB files only (about a minute)",
+    help="replay the first rows of two NAB files only (about 20 s once set up)",
 )
 @click.option(
     "--rows",

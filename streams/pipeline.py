@@ -285,6 +285,18 @@ class Pipeline:
             self._series(state, metric, None)
         return self._device_deadline(state)
 
+    def inspect_device(self, raw: bytes) -> dict[str, tuple[int, object]]:
+        """Decode a device record: per metric, its stored size and live state.
+
+        For benchmarks and debugging; returns ``{metric: (bytes, series)}``.
+        """
+        state = _DeviceState.decode(raw)
+        sizes = {metric: len(blob) for metric, blob in state.blobs.items()}
+        return {
+            metric: (sizes[metric], self._series(state, metric, None))
+            for metric in sizes
+        }
+
     # -- steps of one reading ------------------------------------------------------
 
     def _process_reading(

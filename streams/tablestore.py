@@ -33,7 +33,7 @@ class Encodable(Protocol):
 T = TypeVar("T", bound=Encodable)
 
 # Decoded objects kept after a flush; beyond this the oldest clean ones go.
-DEFAULT_MAX_CACHED = 20_000
+DEFAULT_MAX_CACHED = 5_000
 
 
 class WriteBackStore(MutableMapping[bytes, bytes]):
