@@ -78,6 +78,10 @@ MAX_ABS_VALUE = 2.0**64
 """2000-01-01T00:00:00Z: earlier times come from devices whose clock is unset."""
 
 MAX_METRIC_NAME_LENGTH = 128
+# Deeper documents are refused whole (attributes nest, readings do not).
+MAX_NESTING = 32
+# A payload with more readings than this is refused whole.
+MAX_READINGS_PER_PAYLOAD = 1000
 MAX_UNIT_LENGTH = 64
 
 TIME_SOURCE_ATTRIBUTE = "edge.time_source"
@@ -352,18 +356,24 @@ def _duplicate(path: str) -> Rejection:
     return Rejection(path, reason, RejectionKind.DUPLICATE_KEY)
 
 
-def _count_keys(node: Any) -> int:
-    count = 0
-    if type(node) is dict:
-        count = len(node)
-        for value in node.values():
+def _keys_and_depth(document: Any) -> tuple[int, int]:
+    """Count a document's object keys and measure its nesting (no recursion)."""
+    keys = 0
+    deepest = 0
+    stack = [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+        if type(node) is dict:
+            keys += len(node)
+            children = node.values()
+        else:
+            children = node
+        for value in children:
             if type(value) is dict or type(value) is list:
-                count += _count_keys(value)
-    elif type(node) is list:
-        for value in node:
-            if type(value) is dict or type(value) is list:
-                count += _count_keys(value)
-    return count
+                stack.append((value, depth + 1))
+    return keys, deepest
 
 
 def _duplicate_paths(payload: bytes) -> frozenset[str]:
@@ -437,7 +447,7 @@ def normalize_payload(
     >>> [(r.metric, r.value, r.time_ms) for r in result.readings]
     [('temperature', 71.5, 1714564800000)]
     >>> result.rejections[0].reason
-    'field "rpm" must be a finite number, got str'
+    'field "rpm" must be a finite number, got str "1200"'
     """
     result = NormalizeResult()
     if not payload:
@@ -453,8 +463,19 @@ def normalize_payload(
 
     kind = type(document)
     duplicates: frozenset[str] = frozenset()
-    if (kind is dict or kind is list) and payload.count(b'":') != _count_keys(document):
-        duplicates = _duplicate_paths(payload)
+    if kind is dict or kind is list:
+        keys, depth = _keys_and_depth(document)
+        if depth > MAX_NESTING:
+            reason = (
+                f'field "payload" must nest objects and arrays at most {MAX_NESTING}'
+                f" levels deep, got {depth}"
+            )
+            result.rejections.append(
+                Rejection("payload", reason, RejectionKind.INVALID_PAYLOAD)
+            )
+            return result
+        if payload.count(b'":') != keys:
+            duplicates = _duplicate_paths(payload)
     context = _Context(
         device_id, received_ms, now_ms, max_clock_skew_ms, duplicates, result
     )
@@ -472,6 +493,16 @@ def normalize_payload(
     except _Invalid as exc:
         result.readings.clear()
         result.rejections.append(exc.rejection)
+    if len(result.readings) > MAX_READINGS_PER_PAYLOAD:
+        reason = (
+            f'field "payload" must carry at most {MAX_READINGS_PER_PAYLOAD} readings,'
+            f" got {len(result.readings)}"
+        )
+        result.readings.clear()
+        result.rejections.clear()
+        result.rejections.append(
+            Rejection("payload", reason, RejectionKind.INVALID_PAYLOAD)
+        )
     if not result.readings and not result.rejections:
         reason = 'field "payload" must carry at least one metric, got none'
         kind_ = RejectionKind.INVALID_PAYLOAD

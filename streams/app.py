@@ -221,6 +221,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         threshold_by_metric=thresholds,
         max_clock_skew_ms=round(settings.max_clock_skew_s * 1000),
         ruleset=load_ruleset(settings),
+        max_series_per_device=settings.max_series_per_device,
     )
 
 
@@ -360,16 +361,17 @@ def create_app(settings: Settings) -> faust.App:
             device_id = key.decode(errors="replace")
             try:
                 out = _step(state.pipeline, store, message, device_id)
+                await emit(device_id, key, out)
             except Exception:
-                # The device's state may be half changed in memory: stop before
-                # anything of it is committed; a restart reads the record again.
+                # The device's state may be half changed in memory, or an output
+                # was not sent: stop before anything of it is committed; a
+                # restart reads the record again.
                 logger.exception(
                     "pipeline step failed topic=%s partition=%s offset=%s;"
                     " exiting so it is read again",
                     message.topic, message.partition, message.offset,
                 )  # fmt: skip
                 _exit_for_restart()
-            await emit(device_id, key, out)
 
     tick_interval_s = max(0.2, min(settings.idle_timeout_s / 4, 5.0))
 

@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     publish_readings: bool = Field(
         True, description="also produce every normalized reading to `readings`"
     )
+    max_series_per_device: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="metrics one device may have; readings of more are dead-lettered"
+        " (bounds the device's state record)",
+    )
     kafka_linger_ms: int = Field(
         2,
         ge=0,

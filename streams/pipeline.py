@@ -101,6 +101,7 @@ class PipelineConfig:
     threshold_by_metric: dict[str, float]
     max_clock_skew_ms: int
     ruleset: RuleSet
+    max_series_per_device: int = 64
 
 
 class _Series:
@@ -236,7 +237,14 @@ class Pipeline:
         if offset is not None and offset <= state.applied_offset:
             self.counters.replayed += 1
             return out
+        refused: list[str] = []
         for reading in result.readings:
+            if (
+                reading.metric not in state.blobs
+                and len(state.blobs) >= self.config.max_series_per_device
+            ):
+                refused.append(reading.metric)
+                continue
             series = self._series(state, reading.metric, reading.unit)
             late = self._process_reading(
                 reading, series, state.rules, now_ms, received_ms, out
@@ -247,6 +255,15 @@ class Pipeline:
                         reading, source, partition, offset, received_ms, payload
                     )
                 )
+        if refused:
+            self.counters.rejected += len(refused)
+            out.dead_letters.append(
+                self._dead_letter(
+                    "normalize", self._series_limit_reason(device_id, refused),
+                    source, device_id, partition, offset, received_ms, payload,
+                    refused[0],
+                )
+            )  # fmt: skip
         if offset is not None:
             state.applied_offset = offset
         _save_state(store, key, state)
@@ -456,6 +473,16 @@ class Pipeline:
             payload_b64=base64.b64encode(kept).decode(),
             truncated=len(kept) < len(payload),
             field=field_name,
+        )
+
+    def _series_limit_reason(self, device_id: str, refused: list[str]) -> str:
+        limit = self.config.max_series_per_device
+        names = ", ".join(f'"{m}"' for m in refused[:5])
+        more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+        return (
+            f'device "{device_id}" already has {limit} series, the most a device may'
+            f" have (EDGE_MAX_SERIES_PER_DEVICE); readings of new metrics are"
+            f" refused: {names}{more}"
         )
 
     def _late_letter(

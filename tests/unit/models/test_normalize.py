@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import pytest
 
 from models.normalize import (
@@ -461,3 +464,47 @@ def test_metric_name_of_128_chars_is_accepted() -> None:
     result = normalize(b'{"' + name.encode() + b'": 1}')
 
     assert [r.metric for r in result.readings] == [name]
+
+
+def test_a_document_nested_too_deep_is_refused_whole_without_recursion() -> None:
+    payload = b"[" * 1000 + b"]" * 1000
+
+    result = normalize(payload)
+
+    assert result.readings == []
+    assert result.rejections == [
+        Rejection(
+            "payload",
+            'field "payload" must nest objects and arrays at most 32 levels deep,'
+            " got 1000",
+            RejectionKind.INVALID_PAYLOAD,
+        )
+    ]
+
+
+def test_deep_attributes_are_refused_before_they_reach_serialisation() -> None:
+    attributes: Any = "leaf"
+    for _ in range(200):
+        attributes = [attributes]
+    payload = orjson.dumps({"time": 1714564800, "x": 1.0, "attributes": attributes})
+
+    result = normalize(payload)
+
+    assert result.readings == []
+    assert [r.kind for r in result.rejections] == [RejectionKind.INVALID_PAYLOAD]
+    assert "got 201" in result.rejections[0].reason  # the object and 200 arrays
+
+
+def test_a_payload_with_too_many_readings_is_refused_whole() -> None:
+    body = {"time": 1714564800, **{f"m{i}": float(i) for i in range(1001)}}
+
+    result = normalize(orjson.dumps(body))
+
+    assert result.readings == []
+    assert result.rejections == [
+        Rejection(
+            "payload",
+            'field "payload" must carry at most 1000 readings, got 1001',
+            RejectionKind.INVALID_PAYLOAD,
+        )
+    ]

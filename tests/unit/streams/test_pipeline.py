@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -295,3 +296,26 @@ def test_pipeline_gives_the_same_outputs_on_a_write_back_store_as_on_a_dict() ->
     assert sum(len(o.decisions) for o in outs_dict) == 1
     assert sum(len(o.summaries) for o in outs_dict) == 6
     assert table.data == store_dict
+
+
+def test_readings_of_metrics_beyond_the_series_limit_are_dead_lettered_once() -> None:
+    base = _pipeline()
+    pipeline = Pipeline(
+        dataclasses.replace(base.config, max_series_per_device=3),
+        clock_ms=lambda: NOW,
+    )
+    stores: dict[bytes, bytes] = {}
+    _raw(pipeline, stores, {"time": T0, "a": 1.0, "b": 2.0}, 0)
+
+    out = _raw(
+        pipeline, stores, {"time": T0 + 1000, "a": 1.5, "c": 3.0, "d": 4.0, "e": 5.0}, 1
+    )
+
+    assert sorted(r.metric for r in out.readings) == ["a", "c"]
+    [letter] = out.dead_letters
+    assert (letter.stage, letter.field) == ("normalize", "d")
+    assert letter.reason == (
+        'device "d1" already has 3 series, the most a device may have'
+        ' (EDGE_MAX_SERIES_PER_DEVICE); readings of new metrics are refused: "d", "e"'
+    )
+    assert pipeline.counters.rejected == 2
