@@ -60,6 +60,8 @@ DEAD_LETTER_PAYLOAD_LIMIT_BYTES = 64 * 1024
 # Messages taken from the inbox at a time and produced as one batch per partition;
 # bounded so acknowledgements keep flowing while a large backlog drains.
 BURST_MAX = 500
+# Header of the idle ticks the bridge writes into telemetry-raw (value: send ms).
+TICK_HEADER = "edge_tick"
 # Longest wait of an acknowledgement while no MQTT traffic wakes the paho thread.
 ACK_WAIT_S = 0.01
 # Records per Kafka batch, in bytes; larger than aiokafka's 16 KiB default so a
@@ -113,6 +115,7 @@ class BridgeCounters:
     produce_failures: int = 0
     reconnects: int = 0
     in_flight: int = 0
+    idle_ticks: int = 0
 
     def snapshot(self) -> dict[str, int]:
         """Return the counters as a plain dict."""
@@ -152,6 +155,7 @@ class Bridge:
         max_inflight: int = 1000,
         session_expiry_s: int = 7 * 24 * 3600,
         summary_interval_s: float = 30.0,
+        idle_timeout_s: float | None = 30.0,
         reconnect_max_s: float = 10.0,
         producer_factory: Callable[[], AIOKafkaProducer] | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
@@ -167,6 +171,12 @@ class Bridge:
         self._max_inflight = max_inflight
         self._session_expiry_s = session_expiry_s
         self._summary_interval_s = summary_interval_s
+        self._idle_timeout_ms = (
+            None if idle_timeout_s is None else round(idle_timeout_s * 1000)
+        )
+        # device id -> receive time (ms) of its last record produced; a device
+        # leaves it when its idle tick is sent.
+        self._last_seen: dict[str, int] = {}
         self._reconnect_max_s = reconnect_max_s
         self._clock_ms = clock_ms
         self._producer_factory = producer_factory or (
@@ -223,6 +233,10 @@ class Bridge:
             asyncio.create_task(self._pump(), name="bridge-pump"),
             asyncio.create_task(self._log_summaries(), name="bridge-summary"),
         ]
+        if self._idle_timeout_ms is not None:
+            self._tasks.append(
+                asyncio.create_task(self._send_idle_ticks(), name="bridge-ticks")
+            )
         logger.info(
             "bridge started mqtt=%s:%d subscription=%s topic=%s max_inflight=%d",
             self._mqtt_host,
@@ -443,11 +457,59 @@ class Bridge:
                 continue
             key = device_id.encode()
             # The producer's own default partitioner, so a device's records (and
-            # the worker's idle ticks for it) share one partition.
+            # its idle ticks) share one partition.
             partition = self._partitioner(key, partitions, partitions)
+            self._last_seen[device_id] = inbound.received_at_ms
             by_partition.setdefault(partition, []).append((inbound, key))
         for partition, items in by_partition.items():
             await self._send_batches(producer, partition, items)
+
+    async def _send_idle_ticks(self) -> None:
+        """Send an idle tick for each device silent for the idle timeout.
+
+        A tick is an empty record with the header ``edge_tick`` (its send time,
+        on this bridge's clock) in the device's partition. This producer sends
+        it after every record of the device it received before, and keeps their
+        order even through retries (idempotence), so when the worker reads the
+        tick it has read all of them: it may close the device's idle windows
+        without cutting off a reading still on its way, even after Kafka was
+        down for a while.
+        """
+        assert self._idle_timeout_ms is not None
+        idle_ms = self._idle_timeout_ms
+        interval_s = max(0.2, min(idle_ms / 4000, 5.0))
+        while True:
+            await asyncio.sleep(interval_s)
+            producer = self._producer
+            if producer is None:
+                continue
+            now_ms = self._clock_ms()
+            due = [d for d, seen in self._last_seen.items() if seen <= now_ms - idle_ms]
+            if not due:
+                continue
+            partitions = await self._raw_partitions(producer)
+            for device_id in due:
+                seen = self._last_seen.get(device_id)
+                if seen is None or seen > now_ms - idle_ms:
+                    continue  # it sent again meanwhile
+                del self._last_seen[device_id]
+                key = device_id.encode()
+                future = await producer.send(
+                    self._raw_topic,
+                    value=b"",
+                    key=key,
+                    partition=self._partitioner(key, partitions, partitions),
+                    headers=[(TICK_HEADER, str(now_ms).encode())],
+                )
+                future.add_done_callback(self._tick_delivered)
+
+    def _tick_delivered(self, future: asyncio.Future[Any]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            # The device's last windows then close when it sends again.
+            logger.warning("idle tick not delivered to Kafka: %r", error)
+        else:
+            self.counters.idle_ticks += 1
 
     async def _raw_partitions(self, producer: AIOKafkaProducer) -> list[int]:
         if not self._partitions:

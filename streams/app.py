@@ -10,11 +10,12 @@ State lives in one table backed by a changelog topic, ``devices``: one record pe
 device holding the windows and detector of each of its series, its rule
 cooldowns and counters, and the offset of the last record applied, so every
 change of a device's state is one atomic changelog record. Faust forbids table writes
-outside a stream, so idle windows are closed through the stream too: a timer
-sends a *tick* (an empty record with the header ``edge_tick``) keyed by the device
-to ``telemetry-raw`` itself. It lands in the device's partition, behind every
-message of the device received before it, so a backlog never makes a busy device
-look idle. Subscribers of ``telemetry-raw`` skip records with that header.
+outside a stream, so idle windows are closed through the stream too: the bridge
+sends a *tick* (an empty record with the header ``edge_tick``) for each device
+silent for the idle timeout, in the device's partition, after every record of
+the device it received before; so neither a backlog in Kafka nor a Kafka outage
+that held the bridge's records back makes a device look idle too early.
+Subscribers of ``telemetry-raw`` skip records with that header.
 
 The exporter runs beside the agent in the same process (see
 :mod:`streams.export`); set ``EDGE_EXPORT_ENABLED=false`` to run it alone with
@@ -38,6 +39,7 @@ from faust.types import TP
 from faust.web import Request, Response, View
 
 from connectors.kafka_topics import PIPELINE_TOPICS
+from connectors.mqtt import TICK_HEADER as BRIDGE_TICK_HEADER
 from connectors.mqtt import CommandPublisher
 from models.detectors import DEFAULT_THRESHOLD, DetectorSpec
 from models.records import Decision
@@ -49,8 +51,8 @@ from streams.tablestore import WriteBackStore
 
 logger = logging.getLogger(__name__)
 
-# Header of the idle ticks the worker writes into telemetry-raw (value: send ms).
-TICK_HEADER = "edge_tick"
+# Header of the idle ticks the bridge writes into telemetry-raw (value: send ms).
+TICK_HEADER = BRIDGE_TICK_HEADER
 
 
 class FlushingConsumer(faust_aiokafka.Consumer):
@@ -373,27 +375,9 @@ def create_app(settings: Settings) -> faust.App:
                 )  # fmt: skip
                 _exit_for_restart()
 
-    tick_interval_s = max(0.2, min(settings.idle_timeout_s / 4, 5.0))
-
-    @app.timer(interval=tick_interval_s)  # type: ignore[untyped-decorator]
-    async def send_idle_ticks() -> None:
-        now_ms = _now_ms()
-        if not state.idle_deadlines and len(store):
-            # After a start or rebalance: learn the deadlines from the table.
-            for raw_key in list(store):
-                device_id = raw_key.decode()
-                deadline = state.pipeline.device_deadline(device_id, store)
-                if deadline is not None:
-                    state.idle_deadlines[device_id] = deadline
-        due = [d for d, deadline in state.idle_deadlines.items() if deadline <= now_ms]
-        for device_id in due:
-            state.idle_deadlines.pop(device_id, None)
-            await raw_topic.send(
-                key=device_id.encode(),
-                value=b"",
-                headers={TICK_HEADER: str(now_ms).encode()},
-            )
-        _update_rate(state, now_ms)
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def update_rate() -> None:
+        _update_rate(state, _now_ms())
 
     @app.task  # type: ignore[untyped-decorator]
     async def start_companions() -> None:

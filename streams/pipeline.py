@@ -255,6 +255,9 @@ class Pipeline:
                         reading, source, partition, offset, received_ms, payload
                     )
                 )
+        self._close_idle_series(
+            device_id, state, {r.metric for r in result.readings}, received_ms, out
+        )
         if refused:
             self.counters.rejected += len(refused)
             out.dead_letters.append(
@@ -294,6 +297,31 @@ class Pipeline:
             _save_state(store, key, state)
         out.next_idle_deadline_ms = self._device_deadline(state)
         return out
+
+    def _close_idle_series(
+        self,
+        device_id: str,
+        state: _DeviceState,
+        touched: set[str],
+        received_ms: int,
+        out: Outputs,
+    ) -> None:
+        """Close the idle windows of the device's other series, on its receive clock.
+
+        Every record of the device received before this one precedes it in the
+        partition, so a series silent for the idle timeout before ``received_ms``
+        has nothing more on its way. Only series decoded already are looked at;
+        the others close on the device's next idle tick.
+        """
+        for metric, series in list(state.series.items()):
+            if metric in touched:
+                continue
+            closed = list(series.tumbling.close_idle(received_ms))
+            if series.hopping is not None:
+                closed.extend(series.hopping.close_idle(received_ms))
+            if closed:
+                self.counters.idle_closes += len(closed)
+                self._emit_windows(device_id, metric, series, closed, state.rules, out)
 
     def device_deadline(self, device_id: str, store: StateStore) -> int | None:
         """Return the earliest idle deadline of the device's series (from state)."""

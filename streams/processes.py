@@ -67,6 +67,7 @@ async def _run_bridge(settings: Settings) -> None:
         max_inflight=settings.bridge_max_inflight,
         session_expiry_s=settings.mqtt_session_expiry_s,
         summary_interval_s=settings.log_summary_interval_s,
+        idle_timeout_s=settings.idle_timeout_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -56,12 +56,17 @@ def require_collector() -> None:
         )
 
 
-async def produce(items: Iterable[tuple[str, bytes, bytes]]) -> None:
+async def produce(
+    items: Iterable[tuple[str, bytes, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     """Send (topic, key, value) triples and wait for every acknowledgement."""
     producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
     await producer.start()
     try:
-        futures = [await producer.send(t, value=v, key=k) for t, k, v in items]
+        futures = [
+            await producer.send(t, value=v, key=k, headers=headers) for t, k, v in items
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()

@@ -187,7 +187,10 @@ class Record:
 def consume(
     topics: Iterable[str], *, until: Any, timeout_s: float = 60.0
 ) -> list[Record]:
-    """Read ``topics`` from the beginning until ``until(records)`` or timeout."""
+    """Read ``topics`` from the beginning until ``until(records)`` or timeout.
+
+    Idle ticks (records with the ``edge_tick`` header) are left out.
+    """
     return asyncio.run(_consume(list(topics), until, timeout_s))
 
 
@@ -216,6 +219,8 @@ async def _consume(topics: list[str], until: Any, timeout_s: float) -> list[Reco
                         dict(m.headers or ()),
                     )
                     for m in messages
+                    # The bridge's idle ticks, which subscribers skip (README).
+                    if not any(name == "edge_tick" for name, _ in m.headers or ())
                 )
     finally:
         await consumer.stop()

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -47,6 +48,7 @@ from tests.integration.brokers import KAFKA, Processes, Run, wait_until
 pytestmark = pytest.mark.integration
 
 WINDOW_MS = 60_000
+IDLE_TIMEOUT_S = 2.0
 NS_PER_MS = 1_000_000
 DEVICES = 3
 READING_STEP_MS = 7_000  # not a divisor of the window: windows hold 8 or 9
@@ -119,16 +121,35 @@ def reference_points(readings: list[tuple[str, int, float]]) -> dict[WindowKey, 
 
 
 async def produce_raw(run: Run, readings: list[tuple[str, int, float]]) -> None:
+    """Produce readings as the bridge does, with the receive time in a header."""
     topic = run.topic("telemetry-raw")
-    items = [
-        (
-            topic,
-            device_id.encode(),
-            orjson.dumps({"time": time_ms, "temperature": value, "unit": "C"}),
-        )
-        for device_id, time_ms, value in readings
-    ]
-    await produce(items)
+    received = [("received_at_ms", str(time.time_ns() // 1_000_000).encode())]
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                topic,
+                key=device_id.encode(),
+                value=orjson.dumps(
+                    {"time": time_ms, "temperature": value, "unit": "C"}
+                ),
+                headers=received,
+            )
+            for device_id, time_ms, value in readings
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def close_quiet_devices(run: Run, readings: list[tuple[str, int, float]]) -> None:
+    """Send each device's idle tick once it has been quiet, as the bridge does."""
+    time.sleep(IDLE_TIMEOUT_S + 0.5)
+    tick = [("edge_tick", str(time.time_ns() // 1_000_000).encode())]
+    topic = run.topic("telemetry-raw")
+    devices = sorted({device_id for device_id, _, _ in readings})
+    asyncio.run(produce([(topic, d.encode(), b"") for d in devices], headers=tick))
 
 
 # -- what receivers decoded -------------------------------------------------------
@@ -381,7 +402,7 @@ class Worker:
             EDGE_DATA_DIR=str(self.data_dir),
             EDGE_WORKER_ID=f"w{self.run.id}",
             EDGE_WINDOW_SIZE_S=str(WINDOW_MS // 1000),
-            EDGE_IDLE_TIMEOUT_S="2",
+            EDGE_IDLE_TIMEOUT_S=str(IDLE_TIMEOUT_S),
             EDGE_EXPORT_MAX_BATCH_AGE_S="0.5",
             **self.extra_env,
         )
@@ -447,7 +468,7 @@ def run_topic_names(run: Run) -> list[str]:
     internal = [
         f"{app_id}-{name}" for name in ("devices-changelog", "__assignor-__leader")
     ]
-    pipeline = [run.topic(name) for name in (*PIPELINE_TOPICS, "edge-otlp-ticks")]
+    pipeline = [run.topic(name) for name in PIPELINE_TOPICS]
     return pipeline + internal
 
 
@@ -491,6 +512,7 @@ def test_worker_exports_window_summaries_that_decode_to_reference_values(
 
     worker.start()
     asyncio.run(produce_raw(run, readings))
+    close_quiet_devices(run, readings)
     wait_until(
         lambda: len({p.key for p in collector_points(run.id)}) >= len(reference),
         timeout_s=DELIVERY_TIMEOUT_S,
@@ -638,6 +660,7 @@ def test_worker_export_survives_outage_then_busy_receiver_with_bounded_memory(
         receiver.mode = "ok"
         time.sleep(3)
         producer.stop()
+        close_quiet_devices(run, producer.readings)
         reference = reference_points(producer.readings)
         wait_until(
             lambda: {p.key for p in receiver.received()} >= set(reference),
@@ -699,6 +722,7 @@ def test_worker_killed_during_export_loses_no_point_and_repeats_at_most_one_batc
     try:
         worker.start()
         asyncio.run(produce_raw(run, readings))
+        close_quiet_devices(run, readings)
         wait_until(
             lambda: worker.counters().get("summaries", 0) >= len(reference),
             timeout_s=DELIVERY_TIMEOUT_S,

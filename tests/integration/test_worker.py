@@ -34,6 +34,7 @@ from tests.integration.brokers import (
 
 WINDOW_MS = 60_000
 LATENESS_S = 30
+IDLE_TIMEOUT_S = "3"  # bridge (idle ticks) and worker alike
 # Event times three hours back: inside the clock-skew limit, clear of "now".
 T0 = (int(time.time() * 1000) - 3 * 3600_000) // WINDOW_MS * WINDOW_MS
 
@@ -58,7 +59,7 @@ class Worker:
             EDGE_EXPORT_ENABLED="false",
             EDGE_WINDOW_SIZE_S=str(WINDOW_MS // 1000),
             EDGE_ALLOWED_LATENESS_S=str(LATENESS_S),
-            EDGE_IDLE_TIMEOUT_S="3",
+            EDGE_IDLE_TIMEOUT_S=IDLE_TIMEOUT_S,
             EDGE_KAFKA_SESSION_TIMEOUT_S="6",
             **env,
         )
@@ -104,7 +105,7 @@ def _owns_partitions(worker: Worker) -> bool:
 def _start_pipeline(
     processes: Processes, run: Run, workers: int = 1, **env: str
 ) -> list[Worker]:
-    processes.start("bridge", ["bridge"], run.env())
+    processes.start("bridge", ["bridge"], run.env(EDGE_IDLE_TIMEOUT_S=IDLE_TIMEOUT_S))
     started = [Worker(processes, run, f"w{i + 1}", env) for i in range(workers)]
     for worker in started:
         worker.wait_ready()

@@ -319,3 +319,23 @@ def test_readings_of_metrics_beyond_the_series_limit_are_dead_lettered_once() ->
         ' (EDGE_MAX_SERIES_PER_DEVICE); readings of new metrics are refused: "d", "e"'
     )
     assert pipeline.counters.rejected == 2
+
+
+def test_a_series_idle_while_its_device_sends_other_metrics_closes_on_its_clock() -> (
+    None
+):
+    pipeline, store = _pipeline(), WriteBackStore(_Table())
+    store.partition = 0
+    _raw(pipeline, store, {"time": T0, "temp": 1.0, "rpm": 5.0}, 0, received_ms=NOW)  # type: ignore[arg-type]
+    quiet = _raw(
+        pipeline, store, {"time": T0 + 2_000, "temp": 2.0}, 1, received_ms=NOW + 4_999
+    )  # type: ignore[arg-type]
+
+    later = _raw(
+        pipeline, store, {"time": T0 + 3_000, "temp": 3.0}, 2, received_ms=NOW + 5_000
+    )  # type: ignore[arg-type]
+
+    assert quiet.summaries == []
+    assert [(s.metric, s.count, s.closed_by) for s in later.summaries] == [
+        ("rpm", 1, "idle")
+    ]
