@@ -176,6 +176,9 @@ class Bridge:
         )
         # device id -> receive time (ms) of its last record produced; a device
         # leaves it when its idle tick is sent.
+        # TODO: this lives in memory only: a device that falls silent just before
+        # the bridge restarts gets no tick, and its last windows close only when
+        # it sends again. Persist it (a compacted topic) to close them anyway.
         self._last_seen: dict[str, int] = {}
         self._reconnect_max_s = reconnect_max_s
         self._clock_ms = clock_ms

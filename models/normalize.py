@@ -84,6 +84,10 @@ MAX_NESTING = 32
 MAX_READINGS_PER_PAYLOAD = 1000
 MAX_UNIT_LENGTH = 64
 
+# TODO: a reading without a time takes the bridge's receive time, which differs
+# on an MQTT redelivery, so the worker's duplicate check (time and value) cannot
+# see the copy and counts it again. The bridge could pass the MQTT DUP flag and
+# packet id so the worker reuses the first copy's receive time.
 TIME_SOURCE_ATTRIBUTE = "edge.time_source"
 
 _TIME_KEYS = ("time", "ts", "timestamp")
