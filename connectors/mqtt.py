@@ -236,10 +236,7 @@ class Bridge:
             asyncio.create_task(self._pump(), name="bridge-pump"),
             asyncio.create_task(self._log_summaries(), name="bridge-summary"),
         ]
-        if self._idle_timeout_ms is not None:
-            self._tasks.append(
-                asyncio.create_task(self._send_idle_ticks(), name="bridge-ticks")
-            )
+
         logger.info(
             "bridge started mqtt=%s:%d subscription=%s topic=%s max_inflight=%d",
             self._mqtt_host,
@@ -428,8 +425,13 @@ class Bridge:
 
     async def _pump(self) -> None:
         inbox = self._inbox
+        idle_ms = self._idle_timeout_ms
+        tick_every_s = None if idle_ms is None else max(0.2, min(idle_ms / 4000, 5.0))
         while True:
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=tick_every_s)
+            except TimeoutError:
+                pass
             self._wake.clear()
             while self._refused:
                 inbound, reason = self._refused.popleft()
@@ -443,6 +445,10 @@ class Bridge:
             while inbox:
                 burst = [inbox.popleft() for _ in range(min(len(inbox), BURST_MAX))]
                 await self._forward_burst(burst)
+            if idle_ms is not None:
+                # Here, with the inbox drained, every record received so far is
+                # in the producer ahead of any tick sent now.
+                await self._send_idle_ticks(idle_ms)
 
     async def _forward_burst(self, burst: list[_Inbound]) -> None:
         """Produce a burst as one record batch per partition, in arrival order."""
@@ -467,44 +473,36 @@ class Bridge:
         for partition, items in by_partition.items():
             await self._send_batches(producer, partition, items)
 
-    async def _send_idle_ticks(self) -> None:
-        """Send an idle tick for each device silent for the idle timeout.
+    async def _send_idle_ticks(self, idle_ms: int) -> None:
+        """Send an idle tick for each device silent for ``idle_ms``.
 
         A tick is an empty record with the header ``edge_tick`` (its send time,
-        on this bridge's clock) in the device's partition. This producer sends
-        it after every record of the device it received before, and keeps their
-        order even through retries (idempotence), so when the worker reads the
-        tick it has read all of them: it may close the device's idle windows
-        without cutting off a reading still on its way, even after Kafka was
-        down for a while.
+        on this bridge's clock) in the device's partition. The pump sends it
+        only with its inbox drained, so after every record of the device
+        received before; this producer keeps that order even through retries
+        (idempotence). When the worker reads the tick it has read all of them:
+        it may close the device's idle windows without cutting off a reading
+        still on its way, even after Kafka was down for a while.
         """
-        assert self._idle_timeout_ms is not None
-        idle_ms = self._idle_timeout_ms
-        interval_s = max(0.2, min(idle_ms / 4000, 5.0))
-        while True:
-            await asyncio.sleep(interval_s)
-            producer = self._producer
-            if producer is None:
-                continue
-            now_ms = self._clock_ms()
-            due = [d for d, seen in self._last_seen.items() if seen <= now_ms - idle_ms]
-            if not due:
-                continue
-            partitions = await self._raw_partitions(producer)
-            for device_id in due:
-                seen = self._last_seen.get(device_id)
-                if seen is None or seen > now_ms - idle_ms:
-                    continue  # it sent again meanwhile
-                del self._last_seen[device_id]
-                key = device_id.encode()
-                future = await producer.send(
-                    self._raw_topic,
-                    value=b"",
-                    key=key,
-                    partition=self._partitioner(key, partitions, partitions),
-                    headers=[(TICK_HEADER, str(now_ms).encode())],
-                )
-                future.add_done_callback(self._tick_delivered)
+        producer = self._producer
+        if producer is None or not self._last_seen:
+            return
+        now_ms = self._clock_ms()
+        due = [d for d, seen in self._last_seen.items() if seen <= now_ms - idle_ms]
+        if not due:
+            return
+        partitions = await self._raw_partitions(producer)
+        for device_id in due:
+            del self._last_seen[device_id]
+            key = device_id.encode()
+            future = await producer.send(
+                self._raw_topic,
+                value=b"",
+                key=key,
+                partition=self._partitioner(key, partitions, partitions),
+                headers=[(TICK_HEADER, str(now_ms).encode())],
+            )
+            future.add_done_callback(self._tick_delivered)
 
     def _tick_delivered(self, future: asyncio.Future[Any]) -> None:
         error = None if future.cancelled() else future.exception()

@@ -7,6 +7,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -521,35 +522,38 @@ def test_worker_dead_letters_bad_input_and_the_stream_goes_on(
 def test_windows_stay_exact_when_kafka_is_down_longer_than_the_idle_timeout(
     run: Run, processes: Processes
 ) -> None:
-    """Kafka down 12 s (idle timeout 3 s) mid-stream: no reading comes out late.
+    """Kafka down 12 s (idle timeout 3 s) while devices keep sending: none late.
 
     The bridge holds what it receives while Kafka is down and sends it when Kafka
-    is back; the idle ticks must not overtake those records.
+    is back. The devices never fall quiet, so no window may close by the idle
+    timeout: nothing must come out late, every window must be exact.
     """
-    devices, per_device = 4, 60
+    devices, rounds = 4, 120  # a reading per device every 0.25 s for 30 s
     readings = [
         (f"dev{d}", T0 + i * 5_000, float(d * 1000 + i))
-        for i in range(per_device)
+        for i in range(rounds)
         for d in range(devices)
     ]
     reference = _reference(readings)
     [worker] = _start_pipeline(processes, run)
     publisher = Publisher()
-    half = len(readings) // 2
     stack = LocalStack(Settings(stack_dir=STACK_DIR), say=lambda line: None)
 
-    for device, time_ms, value in readings[:half]:
-        _send(publisher, run, device, {"time": time_ms, "level": value})
-    publisher.wait_acked(half)
-    time.sleep(2.0)  # the first half reaches the worker
-    stack.stop_server("kafka")
-    try:
-        for device, time_ms, value in readings[half:]:
-            _send(publisher, run, device, {"time": time_ms, "level": value})
-        publisher.wait_acked(len(readings))
+    def outage() -> None:
+        stack.stop_server("kafka")
         time.sleep(12.0)
-    finally:
         stack.start_server("kafka")
+
+    cut = threading.Thread(target=outage)
+    started = time.monotonic()
+    for i in range(rounds):
+        if i == 20:
+            cut.start()
+        for device, time_ms, value in readings[i * devices : (i + 1) * devices]:
+            _send(publisher, run, device, {"time": time_ms, "level": value})
+        time.sleep(max(0.0, started + (i + 1) * 0.25 - time.monotonic()))
+    cut.join(timeout=120)
+    publisher.wait_acked(len(readings), timeout_s=120)
 
     def all_windows(records: list[Record]) -> bool:
         worker.ready()  # restarts the worker if it exited 75, as compose would
@@ -559,5 +563,6 @@ def test_windows_stay_exact_when_kafka_is_down_longer_than_the_idle_timeout(
     letters = consume([run.topic("dead-letters")], until=lambda rs: False, timeout_s=3)
     publisher.close()
 
+    assert not cut.is_alive()
     assert [orjson.loads(r.value)["reason"] for r in letters] == []
     assert _summaries(records) == reference
