@@ -62,8 +62,6 @@ DEAD_LETTER_PAYLOAD_LIMIT_BYTES = 64 * 1024
 BURST_MAX = 500
 # Header of the idle ticks the bridge writes into telemetry-raw (value: send ms).
 TICK_HEADER = "edge_tick"
-# Longest wait of an acknowledgement while no MQTT traffic wakes the paho thread.
-ACK_WAIT_S = 0.01
 # Records per Kafka batch, in bytes; larger than aiokafka's 16 KiB default so a
 # burst of small device payloads goes out in few requests.
 MAX_BATCH_BYTES = 256 * 1024
@@ -202,7 +200,6 @@ class Bridge:
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: collections.deque[_Inbound] = collections.deque()
-        self._acks: collections.deque[_Inbound] = collections.deque()
         self._wake = asyncio.Event()
         self._stopping = threading.Event()
         self._stopped = asyncio.Event()
@@ -307,9 +304,7 @@ class Bridge:
             if self._stopping.is_set():
                 break
             while not self._stopping.is_set():
-                self._send_acks(client)
-                # The timeout bounds how long an ack waits while nothing arrives.
-                if client.loop(timeout=ACK_WAIT_S) != mqtt.MQTT_ERR_SUCCESS:
+                if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                     break
             self._connected.clear()
         try:
@@ -403,23 +398,14 @@ class Bridge:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def _acknowledge(self, inbound: _Inbound) -> None:
-        # Called on the event loop once Kafka has the record; the paho thread
-        # sends the acks between its loop calls (see _send_acks), so the two
-        # threads do not contend for paho's socket and the GIL on every message.
-        self._acks.append(inbound)
-
-    def _send_acks(self, client: mqtt.Client) -> None:
-        """Acknowledge, on the paho thread, what Kafka has acknowledged."""
-        acks = self._acks
-        while acks:
-            inbound = acks.popleft()
-            # An ack belongs to the connection that delivered the message; after
-            # a reconnect the broker redelivers it and the copy is acknowledged.
-            if inbound.generation != self._generation:
-                continue
-            if inbound.qos > 0:
-                client.ack(inbound.mid, inbound.qos)
-            self.counters.acknowledged += 1
+        # An ack belongs to the connection that delivered the message; after a
+        # reconnect the broker redelivers it and the copy is acknowledged instead.
+        client = self._client
+        if client is None or inbound.generation != self._generation:
+            return
+        if inbound.qos > 0:
+            client.ack(inbound.mid, inbound.qos)
+        self.counters.acknowledged += 1
 
     # -- Kafka side (asyncio) --------------------------------------------------------
 
