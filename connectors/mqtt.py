@@ -15,9 +15,9 @@ The payload bytes are forwarded as received: the bridge does not parse them (the
 worker does). It dead-letters only what it can judge without parsing: an empty
 payload, one over the size limit, or a topic outside the configured pattern.
 
-Threads: paho runs its network loop in a thread of its own; messages cross into the
-asyncio loop through a deque with one wake-up per burst, and acknowledgements go
-back through ``Client.ack``, which paho makes safe to call from another thread.
+One thread: paho's socket hooks let the asyncio loop watch the MQTT socket, so
+messages, Kafka deliveries and acknowledgements all run on the event loop with no
+hand-over between threads (only the blocking TCP connect runs in a worker thread).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import logging
 import re
 import threading
@@ -43,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import (
-    Retrying,
+    AsyncRetrying,
     retry_if_exception_type,
     stop_any,
     stop_when_event_set,
@@ -62,6 +63,9 @@ DEAD_LETTER_PAYLOAD_LIMIT_BYTES = 64 * 1024
 BURST_MAX = 500
 # Header of the idle ticks the bridge writes into telemetry-raw (value: send ms).
 TICK_HEADER = "edge_tick"
+# MQTT packets read per wake-up of the event loop at most, so a long burst still
+# lets Kafka's callbacks run in between.
+READS_PER_WAKEUP = 200
 # Records per Kafka batch, in bytes; larger than aiokafka's 16 KiB default so a
 # burst of small device payloads goes out in few requests.
 MAX_BATCH_BYTES = 256 * 1024
@@ -205,7 +209,11 @@ class Bridge:
         self._stopped = asyncio.Event()
         self._generation = 0
         self._connected = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop_thread: int | None = None
+        self._socket_open: Any = None
+        self._socket_closed = asyncio.Event()
+        self._misc_task: asyncio.Task[None] | None = None
+        self._mqtt_messages = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._partitions: list[int] = []
         self._refused: collections.deque[tuple[_Inbound, str]] = collections.deque()
@@ -223,13 +231,11 @@ class Bridge:
     async def start(self) -> None:
         """Connect to Kafka (retrying until it answers), then subscribe over MQTT."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._producer = await self._start_producer()
         self._client = self._new_client()
-        self._thread = threading.Thread(
-            target=self._run_mqtt, name="mqtt-loop", daemon=True
-        )
-        self._thread.start()
         self._tasks = [
+            asyncio.create_task(self._run_mqtt(), name="bridge-mqtt"),
             asyncio.create_task(self._pump(), name="bridge-pump"),
             asyncio.create_task(self._log_summaries(), name="bridge-summary"),
         ]
@@ -250,11 +256,17 @@ class Bridge:
         unacknowledged over MQTT, so the broker redelivers them next time.
         """
         self._stopping.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+        mqtt_task = self._tasks[0] if self._tasks else None
+        if mqtt_task is not None:
+            if self._connected.is_set() and self._client is not None:
+                # DISCONNECT goes out on the next writable event; the socket's
+                # close then ends the MQTT task.
+                self._client.disconnect()
+                await asyncio.wait([mqtt_task], timeout=10.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close_socket_watch()
         if self._producer is not None:
             await self._producer.stop()
         self._stopped.set()
@@ -279,7 +291,7 @@ class Bridge:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self._reconnect_max_s)
 
-    # -- MQTT side (paho thread) ----------------------------------------------------
+    # -- MQTT side (on the event loop) -----------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
         client = mqtt.Client(
@@ -291,33 +303,42 @@ class Bridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        # paho's socket hooks: the event loop watches the socket instead of a
+        # network thread of paho's.
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
         # paho's own queue of outgoing messages is not used: the bridge only acks.
         client.max_inflight_messages_set(self._max_inflight)
         return client
 
-    def _run_mqtt(self) -> None:
+    async def _run_mqtt(self) -> None:
+        """Connect, wait for the connection to end, reconnect with backoff; repeat."""
         client = self._client
         if client is None:
             raise RuntimeError("bridge not started")
         while not self._stopping.is_set():
-            self._connect_with_backoff(client)
-            if self._stopping.is_set():
+            self._socket_closed.clear()
+            await self._connect_with_backoff(client)
+            if self._stopping.is_set() and not self._socket_open:
                 break
-            while not self._stopping.is_set():
-                if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
-                    break
+            await self._socket_closed.wait()
             self._connected.clear()
-        try:
-            client.disconnect()
-            client.loop(timeout=0.1)
-        except Exception:  # noqa: BLE001 - closing a broken socket may fail
-            logger.debug("MQTT disconnect at stop failed", exc_info=True)
 
-    def _connect_with_backoff(self, client: mqtt.Client) -> None:
+    async def _connect_with_backoff(self, client: mqtt.Client) -> None:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self._session_expiry_s
         properties.ReceiveMaximum = self._max_inflight
-        retrying = Retrying(
+        connect = functools.partial(
+            client.connect,
+            self._mqtt_host,
+            self._mqtt_port,
+            keepalive=30,
+            clean_start=False,
+            properties=properties,
+        )
+        retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=0.25, max=self._reconnect_max_s),
             retry=retry_if_exception_type(OSError),
             stop=stop_any(stop_when_event_set(self._stopping)),
@@ -330,17 +351,78 @@ class Bridge:
             reraise=True,
         )
         try:
-            for attempt in retrying:
+            async for attempt in retrying:
                 with attempt:
-                    client.connect(
-                        self._mqtt_host,
-                        self._mqtt_port,
-                        keepalive=30,
-                        clean_start=False,
-                        properties=properties,
-                    )
+                    # In a worker thread: name resolution and the TCP connect may
+                    # block; the socket hooks hand the new socket to the loop.
+                    await asyncio.to_thread(connect)
         except OSError:
             return  # only when stopping
+
+    def _in_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` on the event loop, now if this is the loop's thread."""
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        elif self._loop is not None:
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._watch_socket, client, sock)
+
+    def _watch_socket(self, client: mqtt.Client, sock: Any) -> None:
+        if self._loop is None:
+            return
+        self._socket_open = sock
+        self._loop.add_reader(sock, self._on_readable, client)
+        self._misc_task = self._loop.create_task(self._keepalive(client))
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._close_socket_watch)
+
+    def _close_socket_watch(self) -> None:
+        sock = self._socket_open
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        self._socket_open = None
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+        self._socket_closed.set()
+
+    def _on_socket_register_write(
+        self, client: mqtt.Client, userdata: Any, sock: Any
+    ) -> None:
+        self._in_loop(self._watch_writable, client, sock)
+
+    def _watch_writable(self, client: mqtt.Client, sock: Any) -> None:
+        if self._loop is not None and sock is self._socket_open:
+            self._loop.add_writer(sock, client.loop_write)
+
+    def _on_socket_unregister_write(
+        self, client: mqtt.Client, userdata: Any, sock: Any
+    ) -> None:
+        self._in_loop(self._unwatch_writable, sock)
+
+    def _unwatch_writable(self, sock: Any) -> None:
+        if self._loop is not None and sock is self._socket_open:
+            self._loop.remove_writer(sock)
+
+    def _on_readable(self, client: mqtt.Client) -> None:
+        # paho's loop_read handles one packet per call: keep reading while
+        # messages come, so a burst costs one wake-up of the loop, not one each.
+        for _ in range(READS_PER_WAKEUP):
+            before = self._mqtt_messages
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                break
+            if self._mqtt_messages == before:
+                break
+        if self._inbox:
+            self._wake.set()
+
+    async def _keepalive(self, client: mqtt.Client) -> None:
+        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(1.0)
 
     def _on_connect(
         self,
@@ -377,31 +459,37 @@ class Bridge:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        # Acknowledgements of this connection's messages are not sent on the
+        # next one: the broker redelivers those messages instead.
+        self._connected.clear()
         if not self._stopping.is_set():
             logger.warning("MQTT connection lost reason=%s", reason_code)
 
     def _on_message(
         self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
     ) -> None:
-        inbound = _Inbound(
-            topic=message.topic,
-            payload=bytes(message.payload),
-            qos=message.qos,
-            retain=message.retain,
-            mid=message.mid,
-            received_at_ms=self._clock_ms(),
-            generation=self._generation,
+        self._mqtt_messages += 1
+        self._inbox.append(
+            _Inbound(
+                topic=message.topic,
+                payload=bytes(message.payload),
+                qos=message.qos,
+                retain=message.retain,
+                mid=message.mid,
+                received_at_ms=self._clock_ms(),
+                generation=self._generation,
+            )
         )
-        was_empty = not self._inbox
-        self._inbox.append(inbound)
-        if was_empty and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
 
     def _acknowledge(self, inbound: _Inbound) -> None:
         # An ack belongs to the connection that delivered the message; after a
         # reconnect the broker redelivers it and the copy is acknowledged instead.
         client = self._client
-        if client is None or inbound.generation != self._generation:
+        if (
+            client is None
+            or inbound.generation != self._generation
+            or not self._connected.is_set()
+        ):
             return
         if inbound.qos > 0:
             client.ack(inbound.mid, inbound.qos)
