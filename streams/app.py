@@ -144,6 +144,9 @@ class GapDetector:
 
 
 EXIT_FOR_RESTART = 75  # temporary failure: a supervisor restarts the worker
+# Faust's count-based commit cannot be switched off; this count is never reached
+# (the timer commits every second).
+COMMIT_EVERY_NEVER = 2**62
 
 
 def _exit_for_restart() -> None:
@@ -292,7 +295,10 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         producer_linger_ms=settings.kafka_linger_ms,
         processing_guarantee="at_least_once",
-        broker_commit_every=1000,
+        # Commit on the 1 s timer only. Faust's count-based commit runs inside its
+        # fetch loop, so every commit (which first waits for Kafka to acknowledge
+        # what was produced) held up delivery: 15-30 ms stalls, p99 latency.
+        broker_commit_every=COMMIT_EVERY_NEVER,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=4096,
         table_standby_replicas=0,
