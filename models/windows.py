@@ -21,25 +21,32 @@ How it works:
 * A reading whose windows have all closed is *late*: it changes nothing and the
   caller dead-letters it. In hopping windows a reading can be late for its
   oldest windows and still be counted in its newer ones: both flags are set.
-* Each pane keeps the ``(time_ms, value)`` pairs it counted. They serve three
-  purposes: a redelivered reading (same time and value) is counted once, the sum
-  is computed with ``math.fsum`` so that it does not depend on arrival order, and
-  the quantiles are exact (linear interpolation between closest ranks).
+* Each pane keeps exact aggregates (count, min, max, last and the running exact
+  sum, as the partials of Shewchuk's algorithm, so the sum equals ``math.fsum``
+  of the readings in any arrival order) and the ``(time_ms, value)`` pairs of its
+  most recent ``kept_readings_per_pane`` readings. The pairs tell a redelivered
+  reading (same time and value) from a new one and give exact quantiles. Older
+  pairs of a busy pane are *spilled*: their values go into a KLL quantile sketch
+  (Apache DataSketches) and the pair is forgotten, so the state of a series is
+  bounded however fast its device sends.
 
 Known limits:
 
-* A pane keeps at most ``max_readings_per_window`` pairs. Beyond that, readings
-  are still counted exactly (count, sum, min, max, last) but not remembered:
-  their redeliveries are counted again, their sum is a plain float sum, and the
-  quantiles come from the first readings kept only. ``ClosedWindow.complete`` is
-  then false.
+* Quantiles are exact (linear interpolation between closest ranks) while every
+  reading of the window is kept; past that they are the sketch's estimates
+  (nearest rank, rank error about 2% with ``k = 64``) and
+  ``ClosedWindow.complete`` is false. count, sum, min, max and last stay exact.
+* Redeliveries are recognised among the kept pairs only: a copy that arrives
+  after ``kept_readings_per_pane`` newer readings of its pane is counted again.
+  MQTT redelivers right after a reconnect, far inside that horizon.
 * A redelivered reading whose window has closed cannot be told from new data: it
   is reported late. So is a reading for a window closed by the idle timeout.
 * One reading far ahead of the others (a device clock jump) moves the watermark:
   it closes the open windows and makes the following, correct readings late.
   The normaliser's ``max_clock_skew_ms`` bounds how far ahead that can be.
-* Memory grows with the readings per window: about 12 bytes per reading
-  serialized, far more as Python objects, plus a fixed part per pane.
+* State size: about 12 bytes per kept reading plus a fixed part per pane; a
+  spilled pane adds its sketch (at most about 1.8 KiB), so a pane never exceeds
+  about 3.5 KiB with the defaults.
 """
 
 from __future__ import annotations
@@ -47,8 +54,11 @@ from __future__ import annotations
 import math
 import struct
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
+
+from datasketches import kll_doubles_sketch
 
 from models.records import WindowSummary
 
@@ -66,14 +76,16 @@ MAX_OPEN_PANES = 1000
 
 # Stands for "never" in integer fields, so the state packs into fixed structs.
 _NEVER = -(2**63)
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 # version, size_ms, step_ms, max_time_ms, closed_through_ms, last_seen_wall_ms,
 # pane count
 _HEADER = struct.Struct("<BqqqqqI")
-# start_ms, readings kept, readings not kept, last_time_ms, last_value
+# start_ms, readings kept, readings spilled, last_time_ms, last_value
 _PANE = struct.Struct("<qIIqd")
-# sum, min and max of the readings not kept
-_EXTRA = struct.Struct("<ddd")
+# of the spilled readings: min, max, number of sum partials, sketch length
+_SPILL = struct.Struct("<ddBI")
+# KLL's accuracy parameter: rank error about 2%, at most about 1.8 KiB serialized.
+SKETCH_K = 64
 # Times are stored as uint32 offsets from the pane start.
 _MAX_STEP_MS = 2**32 - 1
 
@@ -90,8 +102,9 @@ class WindowSpec:
             ``size_ms``. None (the default) means tumbling windows.
         allowed_lateness_ms: How long after the watermark passed a window's end
             it stays open for out-of-order readings, ms.
-        max_readings_per_window: Readings remembered per pane for deduplication,
-            exact sums and quantiles; see the module's known limits.
+        kept_readings_per_pane: Most recent readings whose ``(time, value)``
+            pairs a pane keeps, for deduplication and exact quantiles; older
+            ones go into its sketch (see the module's known limits).
 
     Raises:
         ValueError: When a value is out of range, naming it and its value.
@@ -101,7 +114,7 @@ class WindowSpec:
     idle_timeout_ms: int
     step_ms: int | None = None
     allowed_lateness_ms: int = 0
-    max_readings_per_window: int = 100_000
+    kept_readings_per_pane: int = 128
 
     def __post_init__(self) -> None:
         step_ms = self.hop_ms
@@ -118,9 +131,9 @@ class WindowSpec:
         elif self.idle_timeout_ms <= 0:
             timeout = self.idle_timeout_ms
             problem = f"idle_timeout_ms must be positive, got {timeout}"
-        elif self.max_readings_per_window <= 0:
-            limit = self.max_readings_per_window
-            problem = f"max_readings_per_window must be positive, got {limit}"
+        elif self.kept_readings_per_pane <= 0:
+            limit = self.kept_readings_per_pane
+            problem = f"kept_readings_per_pane must be positive, got {limit}"
         elif self.max_open_panes > MAX_OPEN_PANES:
             problem = (
                 f"(allowed_lateness_ms + size_ms) / step_ms must be at most "
@@ -151,7 +164,8 @@ class ClosedWindow:
 
     ``count``, ``sum``, ``min``, ``max`` and ``last`` are exact; ``last`` is the
     value with the greatest time, the latest arrival among equal times. The
-    quantiles are exact when ``complete`` is true (see the module's limits).
+    quantiles are exact when ``complete`` is true, sketch estimates otherwise
+    (see the module's limits).
     """
 
     window_start_ms: int
@@ -197,16 +211,63 @@ class _Pane:
     """The readings of one ``step_ms`` wide slice of time."""
 
     start_ms: int
-    # A dict used as an ordered set: the state bytes keep the arrival order, so
-    # a round trip through to_bytes gives the same bytes.
-    kept: dict[tuple[int, float], None] = field(default_factory=dict)
+    # The most recent readings in arrival order, and the same pairs as a set.
+    kept: deque[tuple[int, float]] = field(default_factory=deque)
+    kept_keys: set[tuple[int, float]] = field(default_factory=set)
     last_time_ms: int = _NEVER
     last_value: float = 0.0
-    # Readings past max_readings_per_window: counted, not remembered.
-    extra_count: int = 0
-    extra_sum: float = 0.0
-    extra_min: float = math.inf
-    extra_max: float = -math.inf
+    # Readings no longer kept: counted exactly, their values in the sketch.
+    spilled_count: int = 0
+    spilled_partials: list[float] = field(default_factory=list)
+    spilled_min: float = math.inf
+    spilled_max: float = -math.inf
+    sketch: kll_doubles_sketch | None = None
+
+    def keep(self, key: tuple[int, float], limit: int) -> None:
+        """Keep one new reading, spilling the oldest kept one past ``limit``."""
+        if len(self.kept) >= limit:
+            old = self.kept.popleft()
+            self.kept_keys.discard(old)
+            self.spill(old[1])
+        self.kept.append(key)
+        self.kept_keys.add(key)
+
+    def spill(self, value: float) -> None:
+        """Count ``value`` in the exact aggregates and the sketch only."""
+        if self.sketch is None:
+            self.sketch = kll_doubles_sketch(SKETCH_K)
+        self.sketch.update(value)
+        self.spilled_count += 1
+        _add_exactly(self.spilled_partials, value)
+        self.spilled_min = min(self.spilled_min, value)
+        self.spilled_max = max(self.spilled_max, value)
+
+
+def _add_exactly(partials: list[float], value: float) -> None:
+    """Add ``value`` to a running sum kept as non-overlapping partials.
+
+    Shewchuk's algorithm: ``math.fsum(partials)`` is then the correctly rounded
+    sum of every value added, whatever the order. Values are finite and below
+    2**64 in magnitude (the normaliser sees to it), so nothing overflows; the
+    partials stay few (one or two for sensor data).
+
+    >>> partials = []
+    >>> for value in (1e16, 1.0, -1e16):
+    ...     _add_exactly(partials, value)
+    >>> math.fsum(partials)
+    1.0
+    """
+    count = 0
+    for other in partials:
+        if abs(value) < abs(other):
+            value, other = other, value
+        high = value + other
+        low = other - (high - value)
+        if low:
+            partials[count] = low
+            count += 1
+        value = high
+    partials[count:] = [value]
 
 
 class SeriesWindows:
@@ -286,19 +347,10 @@ class SeriesWindows:
         if pane is None:
             pane = self._panes[pane_start] = _Pane(pane_start)
         key = (time_ms, value)
-        if key in pane.kept:
+        if key in pane.kept_keys:
             return _DUPLICATE
 
-        if len(pane.kept) < spec.max_readings_per_window:
-            pane.kept[key] = None
-        else:
-            # TODO: past the bound the quantiles see only the first readings kept,
-            # which biases them when a window's values drift; a mergeable sketch
-            # (KLL or t-digest) per pane would fix it, at more bytes per series.
-            pane.extra_count += 1
-            pane.extra_sum += value
-            pane.extra_min = min(pane.extra_min, value)
-            pane.extra_max = max(pane.extra_max, value)
+        pane.keep(key, spec.kept_readings_per_pane)
         if time_ms >= pane.last_time_ms:
             pane.last_time_ms = time_ms
             pane.last_value = value
@@ -362,7 +414,8 @@ class SeriesWindows:
         """Serialize the state compactly (the spec itself is not included).
 
         Returns:
-            About 77 bytes plus 12 per reading kept in an open pane.
+            45 bytes, plus 32 per open pane and 12 per reading it keeps, plus
+            the sketch and sum partials of a pane that spilled readings.
         """
         spec = self.spec
         parts = [
@@ -383,15 +436,21 @@ class SeriesWindows:
                 _PANE.pack(
                     start_ms,
                     len(kept),
-                    pane.extra_count,
+                    pane.spilled_count,
                     pane.last_time_ms,
                     pane.last_value,
                 )
             )
-            if pane.extra_count:
+            if pane.spilled_count and pane.sketch is not None:
+                sketch = pane.sketch.serialize()
+                partials = pane.spilled_partials
                 parts.append(
-                    _EXTRA.pack(pane.extra_sum, pane.extra_min, pane.extra_max)
+                    _SPILL.pack(
+                        pane.spilled_min, pane.spilled_max, len(partials), len(sketch)
+                    )
                 )
+                parts.append(array("d", partials).tobytes())
+                parts.append(sketch)
             offsets = array("I", [time_ms - start_ms for time_ms, _ in kept])
             values = array("d", [value for _, value in kept])
             parts.append(offsets.tobytes())
@@ -442,16 +501,25 @@ class SeriesWindows:
 
         offset = _HEADER.size
         for _ in range(pane_count):
-            start_ms, kept_count, extra_count, last_time_ms, last_value = (
+            start_ms, kept_count, spilled_count, last_time_ms, last_value = (
                 _PANE.unpack_from(data, offset)
             )
             offset += _PANE.size
-            pane = _Pane(start_ms, {}, last_time_ms, last_value, extra_count)
-            if extra_count:
-                pane.extra_sum, pane.extra_min, pane.extra_max = _EXTRA.unpack_from(
-                    data, offset
-                )
-                offset += _EXTRA.size
+            pane = _Pane(start_ms, last_time_ms=last_time_ms, last_value=last_value)
+            if spilled_count:
+                low, high, partial_count, sketch_len = _SPILL.unpack_from(data, offset)
+                offset += _SPILL.size
+                partials = array("d")
+                partials.frombytes(data[offset : offset + 8 * partial_count])
+                offset += 8 * partial_count
+                sketch = data[offset : offset + sketch_len]
+                offset += sketch_len
+                if len(sketch) != sketch_len:
+                    raise IndexError("pane shorter than its sketch")
+                pane.spilled_count = spilled_count
+                pane.spilled_min, pane.spilled_max = low, high
+                pane.spilled_partials = list(partials)
+                pane.sketch = _decode_sketch(sketch)
             if offset + 12 * kept_count > len(data):
                 raise IndexError("pane shorter than its count")
             offsets = array("I")
@@ -461,11 +529,19 @@ class SeriesWindows:
             values.frombytes(data[offset : offset + 8 * kept_count])
             offset += 8 * kept_count
             times = [start_ms + delta for delta in offsets]
-            pane.kept = dict.fromkeys(zip(times, values, strict=True))
+            pane.kept = deque(zip(times, values, strict=True))
+            pane.kept_keys = set(pane.kept)
             windows._panes[start_ms] = pane
         if offset != len(data):
             raise IndexError("trailing bytes after the last pane")
         return windows
+
+
+def _decode_sketch(data: bytes) -> kll_doubles_sketch:
+    try:
+        return kll_doubles_sketch.deserialize(data)
+    except (RuntimeError, ValueError) as exc:
+        raise IndexError("pane sketch is corrupt") from exc
 
 
 def _close_window(
@@ -477,14 +553,24 @@ def _close_window(
 ) -> ClosedWindow:
     """Merge the panes of one window, oldest first, into its aggregate."""
     values = sorted(value for pane in panes for _, value in pane.kept)
-    extras = [pane for pane in panes if pane.extra_count]
-    count = len(values) + sum(pane.extra_count for pane in extras)
+    spilled = [pane for pane in panes if pane.spilled_count]
+    count = len(values) + sum(pane.spilled_count for pane in spilled)
     # fsum: the exact sum rounded once, the same in any arrival order.
-    total = math.fsum([*values, *(pane.extra_sum for pane in extras)])
-    low = min([values[0], *(pane.extra_min for pane in extras)])
-    high = max([values[-1], *(pane.extra_max for pane in extras)])
+    total = math.fsum(
+        [*values, *(p for pane in spilled for p in pane.spilled_partials)]
+    )
+    low = min([*values[:1], *(pane.spilled_min for pane in spilled)])
+    high = max([*values[-1:], *(pane.spilled_max for pane in spilled)])
     # Panes do not overlap in time, so the newest pane holds the latest reading.
     last = panes[-1].last_value
+    if spilled:
+        quantiles = _estimated_quantiles(values, spilled)
+    else:
+        quantiles = (
+            _quantile(values, 0.5),
+            _quantile(values, 0.95),
+            _quantile(values, 0.99),
+        )
     return ClosedWindow(
         window_start_ms=start_ms,
         window_end_ms=start_ms + size_ms,
@@ -493,13 +579,27 @@ def _close_window(
         min=low,
         max=high,
         last=last,
-        p50=_quantile(values, 0.5),
-        p95=_quantile(values, 0.95),
-        p99=_quantile(values, 0.99),
+        p50=quantiles[0],
+        p95=quantiles[1],
+        p99=quantiles[2],
         kind=kind,
         closed_by=closed_by,
-        complete=not extras,
+        complete=not spilled,
     )
+
+
+def _estimated_quantiles(
+    kept: list[float], spilled: list[_Pane]
+) -> tuple[float, float, float]:
+    """Return p50, p95 and p99 of the kept values and the spilled panes' sketches."""
+    merged = kll_doubles_sketch(SKETCH_K)
+    for pane in spilled:
+        if pane.sketch is not None:
+            merged.merge(pane.sketch)
+    for value in kept:
+        merged.update(value)
+    p50, p95, p99 = (merged.get_quantile(q) for q in (0.5, 0.95, 0.99))
+    return float(p50), float(p95), float(p99)
 
 
 def _quantile(ordered: list[float], q: float) -> float:

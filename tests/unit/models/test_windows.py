@@ -197,20 +197,94 @@ def test_quantiles_are_exact_with_linear_interpolation() -> None:
     assert closed.complete
 
 
-def test_readings_past_the_kept_bound_are_counted_but_not_deduplicated() -> None:
-    windows = tumbling(max_readings_per_window=3)
+def test_redelivery_older_than_the_kept_readings_is_counted_again() -> None:
+    windows = tumbling(kept_readings_per_pane=3)
     for time_ms in range(5):
         windows.add(time_ms, float(time_ms), now_wall_ms=0)
 
-    repeat_kept = windows.add(1, 1.0, now_wall_ms=0)
-    repeat_extra = windows.add(4, 4.0, now_wall_ms=0)
+    repeat_spilled = windows.add(1, 1.0, now_wall_ms=0)
+    repeat_kept = windows.add(4, 4.0, now_wall_ms=0)
     (closed,) = windows.close_idle(now_wall_ms=120_000)
 
+    assert not repeat_spilled.duplicate
     assert repeat_kept.duplicate
-    assert not repeat_extra.duplicate
-    assert (closed.count, closed.sum, closed.min, closed.max) == (6, 14.0, 0.0, 4.0)
+    assert (closed.count, closed.sum, closed.min, closed.max) == (6, 11.0, 0.0, 4.0)
     assert closed.last == 4.0
     assert not closed.complete
+
+
+def test_busy_pane_keeps_exact_aggregates_and_estimates_quantiles() -> None:
+    """100,000 readings in one window: exact count and sum, sketch quantiles."""
+    rng = random.Random(7)
+    # Two readings per millisecond, each with its own value.
+    values = [index + rng.random() for index in range(100_000)]
+    rng.shuffle(values)
+    windows = tumbling()
+    for index, value in enumerate(values):
+        windows.add(index // 2, value, now_wall_ms=0)
+
+    (closed,) = windows.close_idle(now_wall_ms=120_000)
+
+    ordered = sorted(values)
+    assert closed.count == 100_000
+    assert closed.sum == math.fsum(values)
+    assert (closed.min, closed.max) == (ordered[0], ordered[-1])
+    assert not closed.complete
+    for estimate, q in ((closed.p50, 0.5), (closed.p95, 0.95), (closed.p99, 0.99)):
+        rank = sum(1 for v in ordered if v <= estimate) / len(ordered)
+        assert abs(rank - q) < 0.02, (q, estimate, rank)
+
+
+def test_state_of_a_busy_series_stays_bounded() -> None:
+    """A device sending 1,000 readings/s: the state stops growing past its bound."""
+    windows = tumbling(lateness_ms=5_000)
+    sizes = []
+    for second in range(50):
+        for milli in range(1_000):
+            windows.add(second * 1_000 + milli, float(milli % 97), now_wall_ms=0)
+        sizes.append(len(windows.to_bytes()))
+
+    assert max(sizes) < 3_600
+    assert sizes[-1] - sizes[10] < 400
+
+
+def test_sum_is_exact_whatever_the_arrival_order_past_the_kept_bound() -> None:
+    values = [1e16, 1.0, -1e16, 0.1, 0.2, 0.3] * 50
+    forward, backward = (
+        tumbling(kept_readings_per_pane=4),
+        tumbling(kept_readings_per_pane=4),
+    )
+    for index, value in enumerate(values):
+        forward.add(index, value, now_wall_ms=0)
+    for index, value in reversed(list(enumerate(values))):
+        backward.add(index, value, now_wall_ms=0)
+
+    (one,) = forward.close_idle(now_wall_ms=120_000)
+    (other,) = backward.close_idle(now_wall_ms=120_000)
+
+    assert one.sum == other.sum == math.fsum(values)
+
+
+def test_spilled_state_round_trip_keeps_exact_aggregates() -> None:
+    """KLL compacts at random, so only its estimates may differ after a restore."""
+    spec = WindowSpec(size_ms=MINUTE_MS, idle_timeout_ms=120_000, step_ms=20_000)
+    straight, restored = SeriesWindows(spec), SeriesWindows(spec)
+    one: list[ClosedWindow] = []
+    other: list[ClosedWindow] = []
+    for time_ms in range(0, 90_000, 50):
+        value = float(time_ms % 1_013)
+        one.extend(straight.add(time_ms, value, now_wall_ms=0).closed)
+        other.extend(restored.add(time_ms, value, now_wall_ms=0).closed)
+        if time_ms == 45_000:
+            restored = SeriesWindows.from_bytes(restored.to_bytes(), spec)
+    one.extend(straight.close_idle(200_000))
+    other.extend(restored.close_idle(200_000))
+
+    assert len(one) == len(other) == 7
+    for a, b in zip(one, other, strict=True):
+        exact = ("window_start_ms", "count", "sum", "min", "max", "last", "complete")
+        assert [getattr(a, f) for f in exact] == [getattr(b, f) for f in exact]
+        assert abs(a.p50 - b.p50) < 0.05 * 1_013
 
 
 def test_summarize_builds_the_window_summary_record() -> None:
@@ -286,7 +360,7 @@ def test_corrupt_state_raises_value_error(cut: int) -> None:
         ({"step_ms": 7_000}, "step_ms must divide size_ms=60000, got 7000"),
         ({"allowed_lateness_ms": -1}, "allowed_lateness_ms must be >= 0, got -1"),
         ({"idle_timeout_ms": 0}, "idle_timeout_ms must be positive, got 0"),
-        ({"max_readings_per_window": 0}, "must be positive, got 0"),
+        ({"kept_readings_per_pane": 0}, "must be positive, got 0"),
         ({"step_ms": 60}, r"\(allowed_lateness_ms \+ size_ms\) / step_ms must be"),
     ],
 )
