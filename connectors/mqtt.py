@@ -124,6 +124,56 @@ class BridgeCounters:
         return dict(self.__dict__)
 
 
+class IdleTickSchedule:
+    """When the bridge sends each quiet device's idle ticks.
+
+    The first tick goes ``idle_ms`` after the device's last record, so the worker
+    can close what the idle timeout allows. A window that closes on the device's
+    own clock (``EDGE_IDLE_CLOSE=clock``) may still be open then, so ticks go on
+    every ``max(idle_ms, horizon_ms / 10)`` until ``horizon_ms`` (the longest
+    window plus the allowed lateness) has passed since the last record, when no
+    window of the device can be open any more: the last tick is the first one
+    at least that long after the record. A window therefore comes out at
+    most one tick interval after it is due, and a device that stays silent costs
+    a bounded number of ticks (3 with the defaults). A new record starts over.
+
+    Not thread-safe; the bridge's pump alone uses it.
+
+    >>> ticks = IdleTickSchedule(idle_ms=30_000, horizon_ms=70_000)
+    >>> ticks.seen("press-1", received_ms=0)
+    >>> [ticks.due(now_ms) for now_ms in (29_999, 30_000, 60_000, 90_000, 120_000)]
+    [[], ['press-1'], ['press-1'], ['press-1'], []]
+    """
+
+    def __init__(self, *, idle_ms: int, horizon_ms: int) -> None:
+        self.idle_ms = idle_ms
+        self.horizon_ms = horizon_ms
+        self.every_ms = max(idle_ms, horizon_ms // 10)
+        # device id -> (receive time of its last record, time of its next tick), ms
+        self._devices: dict[str, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def seen(self, device_id: str, *, received_ms: int) -> None:
+        """Note a record of ``device_id`` received at ``received_ms``."""
+        self._devices[device_id] = (received_ms, received_ms + self.idle_ms)
+
+    def due(self, now_ms: int) -> list[str]:
+        """Return the devices whose tick is due at ``now_ms`` and plan the next."""
+        due = []
+        last_ms = max(self.idle_ms, self.horizon_ms)
+        for device_id, (seen_ms, next_ms) in list(self._devices.items()):
+            if next_ms > now_ms:
+                continue
+            due.append(device_id)
+            if now_ms - seen_ms >= last_ms:
+                del self._devices[device_id]
+            else:
+                self._devices[device_id] = (seen_ms, now_ms + self.every_ms)
+        return due
+
+
 @dataclass(frozen=True, slots=True)
 class _Inbound:
     topic: str
@@ -158,6 +208,7 @@ class Bridge:
         session_expiry_s: int = 7 * 24 * 3600,
         summary_interval_s: float = 30.0,
         idle_timeout_s: float | None = 30.0,
+        idle_tick_horizon_s: float = 70.0,
         reconnect_max_s: float = 10.0,
         producer_factory: Callable[[], AIOKafkaProducer] | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
@@ -173,15 +224,17 @@ class Bridge:
         self._max_inflight = max_inflight
         self._session_expiry_s = session_expiry_s
         self._summary_interval_s = summary_interval_s
-        self._idle_timeout_ms = (
-            None if idle_timeout_s is None else round(idle_timeout_s * 1000)
+        # TODO: the schedule lives in memory only: a device that falls silent just
+        # before the bridge restarts gets no tick, and its last windows close only
+        # when it sends again. Persist it (a compacted topic) to close them anyway.
+        self._idle_ticks = (
+            None
+            if idle_timeout_s is None
+            else IdleTickSchedule(
+                idle_ms=round(idle_timeout_s * 1000),
+                horizon_ms=round(idle_tick_horizon_s * 1000),
+            )
         )
-        # device id -> receive time (ms) of its last record produced; a device
-        # leaves it when its idle tick is sent.
-        # TODO: this lives in memory only: a device that falls silent just before
-        # the bridge restarts gets no tick, and its last windows close only when
-        # it sends again. Persist it (a compacted topic) to close them anyway.
-        self._last_seen: dict[str, int] = {}
         self._reconnect_max_s = reconnect_max_s
         self._clock_ms = clock_ms
         self._producer_factory = producer_factory or (
@@ -499,8 +552,10 @@ class Bridge:
 
     async def _pump(self) -> None:
         inbox = self._inbox
-        idle_ms = self._idle_timeout_ms
-        tick_every_s = None if idle_ms is None else max(0.2, min(idle_ms / 4000, 5.0))
+        ticks = self._idle_ticks
+        tick_every_s = (
+            None if ticks is None else max(0.2, min(ticks.idle_ms / 4000, 5.0))
+        )
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=tick_every_s)
@@ -519,10 +574,10 @@ class Bridge:
             while inbox:
                 burst = [inbox.popleft() for _ in range(min(len(inbox), BURST_MAX))]
                 await self._forward_burst(burst)
-            if idle_ms is not None:
+            if ticks is not None:
                 # Here, with the inbox drained, every record received so far is
                 # in the producer ahead of any tick sent now.
-                await self._send_idle_ticks(idle_ms)
+                await self._send_idle_ticks(ticks)
 
     async def _forward_burst(self, burst: list[_Inbound]) -> None:
         """Produce a burst as one record batch per partition, in arrival order."""
@@ -542,13 +597,14 @@ class Bridge:
             # The producer's own default partitioner, so a device's records (and
             # its idle ticks) share one partition.
             partition = self._partitioner(key, partitions, partitions)
-            self._last_seen[device_id] = inbound.received_at_ms
+            if self._idle_ticks is not None:
+                self._idle_ticks.seen(device_id, received_ms=inbound.received_at_ms)
             by_partition.setdefault(partition, []).append((inbound, key))
         for partition, items in by_partition.items():
             await self._send_batches(producer, partition, items)
 
-    async def _send_idle_ticks(self, idle_ms: int) -> None:
-        """Send an idle tick for each device silent for ``idle_ms``.
+    async def _send_idle_ticks(self, ticks: IdleTickSchedule) -> None:
+        """Send the idle ticks that are due (see :class:`IdleTickSchedule`).
 
         A tick is an empty record with the header ``edge_tick`` (its send time,
         on this bridge's clock) in the device's partition. The pump sends it
@@ -559,15 +615,14 @@ class Bridge:
         still on its way, even after Kafka was down for a while.
         """
         producer = self._producer
-        if producer is None or not self._last_seen:
+        if producer is None or not ticks:
             return
         now_ms = self._clock_ms()
-        due = [d for d, seen in self._last_seen.items() if seen <= now_ms - idle_ms]
+        due = ticks.due(now_ms)
         if not due:
             return
         partitions = await self._raw_partitions(producer)
         for device_id in due:
-            del self._last_seen[device_id]
             key = device_id.encode()
             future = await producer.send(
                 self._raw_topic,

@@ -15,9 +15,21 @@ How it works:
   made of; a window is the union of its panes when it closes, so a hopping
   reading is stored once and not once per window.
 * The watermark is the greatest event time the series has seen. A window closes
-  when ``watermark >= end + allowed_lateness_ms``, or, for every open window,
-  when no reading arrived for ``idle_timeout_ms`` of wall time
-  (``closed_by="idle"``), so the last window of a quiet device is emitted.
+  when ``watermark >= end + allowed_lateness_ms``. A series that received no
+  reading for ``idle_timeout_ms`` of wall time also closes windows, with
+  ``closed_by="idle"``, so the last window of a quiet device is emitted; how
+  many depends on the spec's ``idle_close``:
+
+  - ``"clock"`` (the default): from the last reading on, the watermark is taken
+    to advance with the wall clock, and a window closes once its end plus the
+    allowed lateness has passed on that estimate. A device that pauses and
+    then goes on within its window loses nothing, and its windows are the same
+    as if it had never paused; the last window of a device that stopped comes
+    out once its end has passed on the device's own clock.
+  - ``"all"``: every open window closes at once. For replays of history and
+    other sources whose event time runs far from the wall clock, where waiting
+    for a window's end on the wall clock would mean waiting for hours; a
+    reading that arrives afterwards for a closed window is late.
 * A reading whose windows have all closed is *late*: it changes nothing and the
   caller dead-letters it. In hopping windows a reading can be late for its
   oldest windows and still be counted in its newer ones: both flags are set.
@@ -40,7 +52,10 @@ Known limits:
   after ``kept_readings_per_pane`` newer readings of its pane is counted again.
   MQTT redelivers right after a reconnect, far inside that horizon.
 * A redelivered reading whose window has closed cannot be told from new data: it
-  is reported late. So is a reading for a window closed by the idle timeout.
+  is reported late. So is a reading for a window closed by the idle timeout:
+  with ``idle_close="clock"`` only when it is as late as the watermark rule would
+  find it (a device flushing readings it buffered through an outage longer than
+  the allowed lateness, for example).
 * One reading far ahead of the others (a device clock jump) moves the watermark:
   it closes the open windows and makes the following, correct readings late.
   The normaliser's ``max_clock_skew_ms`` bounds how far ahead that can be.
@@ -105,6 +120,10 @@ class WindowSpec:
         kept_readings_per_pane: Most recent readings whose ``(time, value)``
             pairs a pane keeps, for deduplication and exact quantiles; older
             ones go into its sketch (see the module's known limits).
+        idle_close: Which windows an idle series closes: ``"clock"`` those whose
+            end plus the lateness has passed on the series' clock estimated
+            from the wall clock, ``"all"`` every open one (see the module
+            docstring).
 
     Raises:
         ValueError: When a value is out of range, naming it and its value.
@@ -115,6 +134,7 @@ class WindowSpec:
     step_ms: int | None = None
     allowed_lateness_ms: int = 0
     kept_readings_per_pane: int = 128
+    idle_close: Literal["clock", "all"] = "clock"
 
     def __post_init__(self) -> None:
         step_ms = self.hop_ms
@@ -134,6 +154,8 @@ class WindowSpec:
         elif self.kept_readings_per_pane <= 0:
             limit = self.kept_readings_per_pane
             problem = f"kept_readings_per_pane must be positive, got {limit}"
+        elif self.idle_close not in ("clock", "all"):
+            problem = f'idle_close must be "clock" or "all", got {self.idle_close!r}'
         elif self.max_open_panes > MAX_OPEN_PANES:
             problem = (
                 f"(allowed_lateness_ms + size_ms) / step_ms must be at most "
@@ -307,7 +329,18 @@ class SeriesWindows:
         """
         if not self._panes:
             return None
-        return self._seen_ms + self.spec.idle_timeout_ms
+        spec = self.spec
+        idle_at_ms = self._seen_ms + spec.idle_timeout_ms
+        if spec.idle_close == "all":
+            return idle_at_ms
+        # The earliest open window holds the oldest pane; its end is the first
+        # multiple of the hop past both that pane and what is closed already.
+        hop_ms = spec.hop_ms
+        first_end_ms = max(
+            min(self._panes) + hop_ms, (self._closed_through_ms // hop_ms + 1) * hop_ms
+        )
+        due_after_ms = first_end_ms + spec.allowed_lateness_ms - self._max_time_ms
+        return max(idle_at_ms, self._seen_ms + due_after_ms)
 
     @property
     def open_window_count(self) -> int:
@@ -366,19 +399,29 @@ class SeriesWindows:
         return result._replace(closed=closed) if closed else result
 
     def close_idle(self, now_wall_ms: int) -> tuple[ClosedWindow, ...]:
-        """Close every open window if the series has been idle long enough.
+        """Close the windows an idle series is done with (see ``idle_close``).
 
         Args:
-            now_wall_ms: The worker's wall clock, epoch ms.
+            now_wall_ms: Wall clock, epoch ms, on the same clock as the
+                ``now_wall_ms`` given to :meth:`add`.
 
         Returns:
             The closed windows, oldest first, with ``closed_by == "idle"``; empty
-            when a reading arrived less than ``idle_timeout_ms`` ago.
+            when a reading arrived less than ``idle_timeout_ms`` ago or no open
+            window is due yet.
         """
-        deadline_ms = self.next_deadline_ms
-        if deadline_ms is None or now_wall_ms < deadline_ms:
+        if not self._panes:
             return ()
-        through_ms = max(self._panes) + self.spec.size_ms
+        spec = self.spec
+        silent_ms = now_wall_ms - self._seen_ms
+        if silent_ms < spec.idle_timeout_ms:
+            return ()
+        if spec.idle_close == "all":
+            through_ms = max(self._panes) + spec.size_ms
+        else:
+            through_ms = self._max_time_ms + silent_ms - spec.allowed_lateness_ms
+            if through_ms <= self._closed_through_ms:
+                return ()
         return self._close_through(through_ms, "idle")
 
     def _close_through(

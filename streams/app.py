@@ -190,6 +190,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
             size_ms=round(settings.window_size_s * 1000),
             idle_timeout_ms=round(settings.idle_timeout_s * 1000),
             allowed_lateness_ms=round(settings.allowed_lateness_s * 1000),
+            idle_close=settings.idle_close,
         )
         hopping = None
         if settings.hopping_window_size_s > 0:
@@ -198,6 +199,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
                 step_ms=round(settings.hopping_window_step_s * 1000) or None,
                 idle_timeout_ms=round(settings.idle_timeout_s * 1000),
                 allowed_lateness_ms=round(settings.allowed_lateness_s * 1000),
+                idle_close=settings.idle_close,
             )
     except ValueError as exc:
         raise ConfigError(f"EDGE_WINDOW_SIZE_S / EDGE_HOPPING_WINDOW_*: {exc}") from exc

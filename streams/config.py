@@ -100,7 +100,14 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="wall-clock seconds without readings after which windows close",
+        description="wall-clock seconds without readings after which a series'"
+        " windows close, as EDGE_IDLE_CLOSE says",
+    )
+    idle_close: Literal["clock", "all"] = Field(
+        "clock",
+        description="which windows an idle series closes: clock = those whose end"
+        " plus the lateness has passed on the device's clock (a device that pauses"
+        " loses nothing); all = every open window (replays of history)",
     )
     max_clock_skew_s: float = Field(
         300.0, ge=0, description="readings further ahead of now are rejected"
@@ -218,6 +225,17 @@ class Settings(BaseSettings):
     def mqtt_port_from_url(self) -> int:
         """Port of the MQTT broker (1883 when the URL has none)."""
         return urlsplit(self.mqtt_url).port or 1883
+
+    @property
+    def idle_tick_horizon_s(self) -> float:
+        """Return how long after a device's last record a window of it may be open.
+
+        The longest window plus the allowed lateness: the bridge sends idle
+        ticks for a quiet device until then, so that windows closing on the
+        device's clock (EDGE_IDLE_CLOSE=clock) come out.
+        """
+        longest_s = max(self.window_size_s, self.hopping_window_size_s)
+        return longest_s + self.allowed_lateness_s
 
     def topic(self, name: str) -> str:
         """Return the full Kafka topic name of a pipeline topic."""

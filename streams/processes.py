@@ -68,6 +68,7 @@ async def _run_bridge(settings: Settings) -> None:
         session_expiry_s=settings.mqtt_session_expiry_s,
         summary_interval_s=settings.log_summary_interval_s,
         idle_timeout_s=settings.idle_timeout_s,
+        idle_tick_horizon_s=settings.idle_tick_horizon_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

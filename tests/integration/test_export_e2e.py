@@ -403,6 +403,8 @@ class Worker:
             EDGE_WORKER_ID=f"w{self.run.id}",
             EDGE_WINDOW_SIZE_S=str(WINDOW_MS // 1000),
             EDGE_IDLE_TIMEOUT_S=str(IDLE_TIMEOUT_S),
+            # The readings are history played at once: one idle tick closes all.
+            EDGE_IDLE_CLOSE="all",
             EDGE_EXPORT_MAX_BATCH_AGE_S="0.5",
             **self.extra_env,
         )

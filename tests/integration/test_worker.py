@@ -56,17 +56,17 @@ class Worker:
         self.processes = processes
         self.name = name
         self.port = _free_port()
-        self.env = run.env(
-            EDGE_WEB_PORT=str(self.port),
-            EDGE_WORKER_ID=name,
-            EDGE_DATA_DIR=str(processes.log_dir / "worker-data"),
-            EDGE_EXPORT_ENABLED="false",
-            EDGE_WINDOW_SIZE_S=str(WINDOW_MS // 1000),
-            EDGE_ALLOWED_LATENESS_S=str(LATENESS_S),
-            EDGE_IDLE_TIMEOUT_S=IDLE_TIMEOUT_S,
-            EDGE_KAFKA_SESSION_TIMEOUT_S="6",
-            **env,
-        )
+        settings = {
+            "EDGE_WEB_PORT": str(self.port),
+            "EDGE_WORKER_ID": name,
+            "EDGE_DATA_DIR": str(processes.log_dir / "worker-data"),
+            "EDGE_EXPORT_ENABLED": "false",
+            "EDGE_WINDOW_SIZE_S": str(WINDOW_MS // 1000),
+            "EDGE_ALLOWED_LATENESS_S": str(LATENESS_S),
+            "EDGE_IDLE_TIMEOUT_S": IDLE_TIMEOUT_S,
+            "EDGE_KAFKA_SESSION_TIMEOUT_S": "6",
+        }
+        self.env = run.env(**{**settings, **env})
         self.restarts = 0
         self.process = self._start()
 
@@ -109,7 +109,15 @@ def _owns_partitions(worker: Worker) -> bool:
 def _start_pipeline(
     processes: Processes, run: Run, workers: int = 1, **env: str
 ) -> list[Worker]:
-    processes.start("bridge", ["bridge"], run.env(EDGE_IDLE_TIMEOUT_S=IDLE_TIMEOUT_S))
+    # The bridge sends idle ticks until the worker's windows can be over: it
+    # reads the same window settings.
+    windows = {
+        "EDGE_IDLE_TIMEOUT_S": IDLE_TIMEOUT_S,
+        "EDGE_WINDOW_SIZE_S": str(WINDOW_MS // 1000),
+        "EDGE_ALLOWED_LATENESS_S": str(LATENESS_S),
+    }
+    windows.update({k: v for k, v in env.items() if k in windows})
+    processes.start("bridge", ["bridge"], run.env(**windows))
     started = [Worker(processes, run, f"w{i + 1}", env) for i in range(workers)]
     for worker in started:
         worker.wait_ready()
@@ -224,7 +232,8 @@ def test_worker_windows_are_exact_with_duplicates_and_shuffles(
 def test_worker_dead_letters_late_reading_and_closes_quiet_device_after_idle_timeout(
     run: Run, processes: Processes
 ) -> None:
-    [worker] = _start_pipeline(processes, run)
+    """With EDGE_IDLE_CLOSE=all (replays), the idle timeout closes every window."""
+    [worker] = _start_pipeline(processes, run, EDGE_IDLE_CLOSE="all")
     publisher = Publisher()
     times = [T0, T0 + 30_000, T0 + 70_000, T0 + 200_000]
 
@@ -251,6 +260,45 @@ def test_worker_dead_letters_late_reading_and_closes_quiet_device_after_idle_tim
         (s["window_start_ms"] - T0, s["count"], s["closed_by"]) for s in summaries
     ] == [(0, 2, "watermark"), (60_000, 1, "watermark"), (180_000, 1, "idle")]
     assert worker.counters()["late"] == 1
+
+
+def test_worker_keeps_the_window_of_a_paused_device_and_closes_it_once_over(
+    run: Run, processes: Processes
+) -> None:
+    """A pause longer than the idle timeout (3 s) inside a window loses nothing.
+
+    With the default EDGE_IDLE_CLOSE=clock the bridge's ticks close the window
+    only once its end plus the lateness (2 s) has passed on the device's clock.
+    """
+    [worker] = _start_pipeline(processes, run, EDGE_ALLOWED_LATENESS_S="2")
+    publisher = Publisher()
+
+    _send(publisher, run, "paused", {"time": T0 + 50_000, "level": 1.0})
+    publisher.wait_acked(1)
+    wait_until(
+        lambda: worker.counters()["readings"] == 1, timeout_s=30, what="first reading"
+    )
+    time.sleep(float(IDLE_TIMEOUT_S) + 2)  # a tick came and went: nothing closes
+    _send(publisher, run, "paused", {"time": T0 + 55_000, "level": 2.0})
+    publisher.wait_acked(2)
+    records = consume(
+        [run.topic("window-summaries")], until=lambda rs: len(rs) >= 1, timeout_s=60
+    )
+    publisher.close()
+
+    [summary] = [orjson.loads(r.value) for r in records]
+    assert (summary["window_start_ms"], summary["count"], summary["sum"]) == (
+        T0,
+        2,
+        3.0,
+    )
+    assert summary["closed_by"] == "idle"
+    counters = worker.counters()
+    assert (counters["readings"], counters["late"], counters["dead_lettered"]) == (
+        2,
+        0,
+        0,
+    )
 
 
 def test_worker_puts_one_instant_in_every_time_format_into_one_window(

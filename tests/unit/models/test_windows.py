@@ -6,6 +6,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -21,13 +22,9 @@ from models.windows import (
 MINUTE_MS = 60_000
 
 
-def tumbling(lateness_ms: int = 0, **options: int) -> SeriesWindows:
-    spec = WindowSpec(
-        size_ms=MINUTE_MS,
-        idle_timeout_ms=120_000,
-        allowed_lateness_ms=lateness_ms,
-        **options,
-    )
+def tumbling(lateness_ms: int = 0, **options: Any) -> SeriesWindows:
+    options.setdefault("idle_timeout_ms", 120_000)
+    spec = WindowSpec(size_ms=MINUTE_MS, allowed_lateness_ms=lateness_ms, **options)
     return SeriesWindows(spec)
 
 
@@ -122,6 +119,73 @@ def test_idle_series_emits_its_open_windows() -> None:
     assert windows.add(119_999, 3.0, now_wall_ms=130_000).late
 
 
+def test_idle_clock_keeps_the_window_of_a_device_that_pauses_within_it() -> None:
+    """A pause longer than the idle timeout closes nothing still under way."""
+    windows = tumbling(lateness_ms=10_000, idle_timeout_ms=30_000)
+    windows.add(1_000, 1.0, now_wall_ms=1_000)
+
+    paused = windows.close_idle(now_wall_ms=46_000)
+    resumed = windows.add(46_000, 2.0, now_wall_ms=46_000)
+    deadline_ms = windows.next_deadline_ms
+    too_early = windows.close_idle(now_wall_ms=75_999)
+    closed = windows.close_idle(now_wall_ms=76_000)
+
+    assert paused == ()
+    assert resumed == AddResult(True, False, False)
+    # End 60 s plus lateness 10 s passed on the device's clock, and idle 30 s.
+    assert deadline_ms == 76_000
+    assert too_early == ()
+    assert [(w.count, w.closed_by) for w in closed] == [(2, "idle")]
+
+
+def test_idle_clock_follows_the_device_clock_not_the_wall_clock() -> None:
+    """Event times an hour behind the wall clock close as if they were current."""
+    lag_ms = 3_600_000
+    windows = tumbling(lateness_ms=10_000, idle_timeout_ms=30_000)
+    windows.add(50_000, 1.0, now_wall_ms=50_000 + lag_ms)
+
+    early = windows.close_idle(now_wall_ms=50_000 + lag_ms + 19_999)
+    due = windows.close_idle(now_wall_ms=50_000 + lag_ms + 30_000)
+
+    assert early == ()
+    assert spans(due) == [(0, 60_000, 1)]
+
+
+def test_idle_clock_and_watermark_give_the_same_windows_whatever_the_pauses() -> None:
+    rng = random.Random(7)
+    spec = WindowSpec(
+        size_ms=MINUTE_MS, idle_timeout_ms=5_000, allowed_lateness_ms=2_000
+    )
+    paused, steady = SeriesWindows(spec), SeriesWindows(spec)
+    time_ms = 0
+    got: list[ClosedWindow] = []
+    want: list[ClosedWindow] = []
+
+    for _ in range(300):
+        time_ms += rng.choice([1_000, 2_000, 20_000, 45_000])
+        value = rng.random()
+        # The wall clock runs with the device's clock, polled every second.
+        for wall_ms in range(time_ms - time_ms % 1_000 - 40_000, time_ms, 1_000):
+            got += paused.close_idle(now_wall_ms=wall_ms)
+        got += paused.add(time_ms, value, now_wall_ms=time_ms).closed
+        want += steady.add(time_ms, value, now_wall_ms=time_ms).closed
+
+    assert [(w.window_start_ms, w.count, w.sum) for w in got] == [
+        (w.window_start_ms, w.count, w.sum) for w in want
+    ]
+
+
+def test_idle_all_closes_every_open_window_and_later_readings_are_late() -> None:
+    windows = tumbling(lateness_ms=10_000, idle_timeout_ms=30_000, idle_close="all")
+    windows.add(1_000, 1.0, now_wall_ms=1_000)
+
+    closed = windows.close_idle(now_wall_ms=31_000)
+    after = windows.add(40_000, 2.0, now_wall_ms=40_000)
+
+    assert [(w.count, w.closed_by) for w in closed] == [(1, "idle")]
+    assert after == AddResult(False, False, True)
+
+
 def test_next_deadline_follows_the_last_reading_wall_time() -> None:
     windows = tumbling()
 
@@ -144,7 +208,9 @@ def test_far_future_reading_closes_open_windows_and_opens_one() -> None:
 
 
 def test_hopping_windows_give_each_reading_to_size_over_step_windows() -> None:
-    spec = WindowSpec(size_ms=60_000, step_ms=20_000, idle_timeout_ms=1)
+    spec = WindowSpec(
+        size_ms=60_000, step_ms=20_000, idle_timeout_ms=1, idle_close="all"
+    )
     windows = SeriesWindows(spec)
     times = range(0, 120_000, 10_000)
     closed: list[ClosedWindow] = []
@@ -163,7 +229,9 @@ def test_hopping_windows_give_each_reading_to_size_over_step_windows() -> None:
 
 
 def test_hopping_reading_late_for_old_windows_still_counts_in_new_ones() -> None:
-    spec = WindowSpec(size_ms=60_000, step_ms=20_000, idle_timeout_ms=1)
+    spec = WindowSpec(
+        size_ms=60_000, step_ms=20_000, idle_timeout_ms=1, idle_close="all"
+    )
     windows = SeriesWindows(spec)
     windows.add(100_000, 1.0, now_wall_ms=0)
 

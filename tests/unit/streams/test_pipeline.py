@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import pytest
@@ -29,10 +29,15 @@ rules:
 """
 
 
-def _pipeline(lateness_ms: int = 10_000) -> Pipeline:
+def _pipeline(
+    lateness_ms: int = 10_000, idle_close: Literal["clock", "all"] = "clock"
+) -> Pipeline:
     config = PipelineConfig(
         window=WindowSpec(
-            size_ms=60_000, idle_timeout_ms=5_000, allowed_lateness_ms=lateness_ms
+            size_ms=60_000,
+            idle_timeout_ms=5_000,
+            allowed_lateness_ms=lateness_ms,
+            idle_close=idle_close,
         ),
         hopping=None,
         detector=DetectorSpec(),
@@ -129,7 +134,7 @@ def test_pipeline_cooldown_suppresses_the_second_firing() -> None:
 
 
 def test_pipeline_idle_tick_closes_quiet_series_on_the_bridge_clock() -> None:
-    pipeline, stores = _pipeline(), {}
+    pipeline, stores = _pipeline(idle_close="all"), {}
     _raw(pipeline, stores, {"time": T0, "temp": 1.0}, 1, received_ms=NOW - 10_000)
 
     too_early = pipeline.close_idle(
@@ -324,7 +329,7 @@ def test_readings_of_metrics_beyond_the_series_limit_are_dead_lettered_once() ->
 def test_a_series_idle_while_its_device_sends_other_metrics_closes_on_its_clock() -> (
     None
 ):
-    pipeline, store = _pipeline(), WriteBackStore(_Table())
+    pipeline, store = _pipeline(idle_close="all"), WriteBackStore(_Table())
     store.partition = 0
     _raw(pipeline, store, {"time": T0, "temp": 1.0, "rpm": 5.0}, 0, received_ms=NOW)  # type: ignore[arg-type]
     quiet = _raw(
@@ -339,3 +344,24 @@ def test_a_series_idle_while_its_device_sends_other_metrics_closes_on_its_clock(
     assert [(s.metric, s.count, s.closed_by) for s in later.summaries] == [
         ("rpm", 1, "idle")
     ]
+
+
+def test_device_that_pauses_past_the_idle_timeout_keeps_its_window_and_decides() -> (
+    None
+):
+    """A live device silent longer than the idle timeout: nothing late, rules run."""
+    pipeline, stores = _pipeline(), {}
+    _raw(
+        pipeline,
+        stores,
+        {"time": NOW - 50_000, "temp": 20.0},
+        1,
+        received_ms=NOW - 50_000,
+    )
+
+    tick = pipeline.close_idle(device_id="d1", tick_ms=NOW - 20_000, store=stores)
+    hot = _raw(pipeline, stores, {"time": NOW, "temp": 99.0}, 2, received_ms=NOW)
+
+    assert tick.summaries == []
+    assert hot.dead_letters == [] and pipeline.counters.late == 0
+    assert [d.rule_id for d in hot.decisions] == ["hot"]

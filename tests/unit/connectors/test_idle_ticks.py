@@ -1,0 +1,48 @@
+"""Tests of the bridge's idle tick schedule."""
+
+from __future__ import annotations
+
+from connectors.mqtt import IdleTickSchedule
+
+
+def test_first_tick_goes_after_the_idle_timeout() -> None:
+    ticks = IdleTickSchedule(idle_ms=30_000, horizon_ms=70_000)
+    ticks.seen("press-1", received_ms=1_000)
+
+    assert ticks.due(30_999) == []
+    assert ticks.due(31_000) == ["press-1"]
+
+
+def test_ticks_repeat_until_no_window_can_be_open() -> None:
+    """Ticks every idle timeout until the horizon has passed since the record."""
+    ticks = IdleTickSchedule(idle_ms=30_000, horizon_ms=70_000)
+    ticks.seen("press-1", received_ms=0)
+
+    sent = [now_ms for now_ms in range(0, 300_000, 1_000) if ticks.due(now_ms)]
+
+    assert sent == [30_000, 60_000, 90_000]
+    assert len(ticks) == 0
+
+
+def test_long_windows_tick_every_tenth_of_the_horizon() -> None:
+    ticks = IdleTickSchedule(idle_ms=30_000, horizon_ms=3_600_000)
+    ticks.seen("press-1", received_ms=0)
+
+    sent = [now_ms for now_ms in range(0, 5_000_000, 1_000) if ticks.due(now_ms)]
+
+    assert ticks.every_ms == 360_000
+    assert sent[:3] == [30_000, 390_000, 750_000]
+    assert sent[-1] == 3_630_000 and len(sent) == 11
+
+
+def test_a_new_record_starts_the_schedule_over() -> None:
+    ticks = IdleTickSchedule(idle_ms=30_000, horizon_ms=70_000)
+    ticks.seen("press-1", received_ms=0)
+    ticks.seen("press-2", received_ms=0)
+
+    first = ticks.due(30_000)
+    ticks.seen("press-1", received_ms=45_000)
+
+    assert first == ["press-1", "press-2"]
+    assert ticks.due(60_000) == ["press-2"]
+    assert ticks.due(75_000) == ["press-1"]
