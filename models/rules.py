@@ -67,11 +67,13 @@ READING_FIELDS = ("value", "anomaly_score")
 FIELDS = READING_FIELDS + tuple(f"window.{name}" for name in WINDOW_FIELDS)
 
 _COMMON_PLACEHOLDERS = ("device_id", "metric", "rule_id", "action", "time_ms", "unit")
-PLACEHOLDERS: dict[str, tuple[str, ...]] = {
-    "reading": _COMMON_PLACEHOLDERS + READING_FIELDS,
-    "window": _COMMON_PLACEHOLDERS
-    + ("window_start_ms", "window_end_ms")
+_KIND_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    "reading": READING_FIELDS,
+    "window": ("window_start_ms", "window_end_ms")
     + tuple(f"window.{name}" for name in WINDOW_FIELDS),
+}
+PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    kind: _COMMON_PLACEHOLDERS + names for kind, names in _KIND_PLACEHOLDERS.items()
 }
 DEFAULT_TOPIC = "devices/{device_id}/commands"
 # A cross-metric condition older than this is stale: 15 minutes covers the 5-minute
@@ -144,7 +146,7 @@ class ConditionConfig:
     @property
     def kind(self) -> Kind:
         """Return the evaluation kind this condition needs."""
-        return "window" if self.field.startswith("window.") else "reading"
+        return _field_kind(self.field)
 
 
 @dataclass(frozen=True, slots=True)
@@ -769,6 +771,17 @@ def _got(value: Any) -> str:
     return f"got {type(value).__name__}"
 
 
+def _field_kind(name: str) -> Kind:
+    return "window" if name.startswith("window.") else "reading"
+
+
+_ALL_PLACEHOLDERS_TEXT = (
+    f"known in every rule: {', '.join(_COMMON_PLACEHOLDERS)};"
+    f" rules on readings add {', '.join(_KIND_PLACEHOLDERS['reading'])};"
+    f" rules on windows add {', '.join(_KIND_PLACEHOLDERS['window'])}"
+)
+
+
 def _glob_problem(pattern: str) -> str | None:
     if not pattern.strip():
         return "must be a non-empty glob"
@@ -789,6 +802,9 @@ class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[RuleProblem] = []
+        # Every well-formed rule id with its node and field path, also of rules
+        # that are invalid otherwise, so duplicates are found in any case.
+        self.ids: list[tuple[str, _Node, str]] = []
         self._loader = yaml.SafeLoader("")
 
     def problem(self, node: _Node, path: str, message: str) -> None:
@@ -874,10 +890,8 @@ class _Parser:
 
     # -- file ----------------------------------------------------------------------
 
-    def top(
-        self, node: _Node
-    ) -> tuple[CooldownClock, list[_Node], list[tuple[RuleConfig, _Node]]]:
-        """Return the cooldown clock, include nodes, and each rule with its node."""
+    def top(self, node: _Node) -> tuple[CooldownClock, list[_Node], list[RuleConfig]]:
+        """Return the cooldown clock, the include nodes and the valid rules."""
         keys = self.mapping(node, "", _TOP_KEYS)
         if keys is None:
             return "event", [], []
@@ -894,7 +908,7 @@ class _Parser:
                 message = f'must be "event" or "wall", {_got(value)}'
                 self.problem(keys["cooldown_clock"], "cooldown_clock", message)
         includes = self.include_list(keys.get("include"))
-        rules: list[tuple[RuleConfig, _Node]] = []
+        rules: list[RuleConfig] = []
         rules_node = keys.get("rules")
         if rules_node is None:
             if not includes:
@@ -906,8 +920,7 @@ class _Parser:
             for index, item in enumerate(rules_node.value):
                 rule = self.rule(item, f"rules[{index}]")
                 if rule is not None:
-                    id_node = next(v for k, v in item.value if k.value == "id")
-                    rules.append((rule, id_node))
+                    rules.append(rule)
         return clock, includes, rules
 
     def include_list(self, node: _Node | None) -> list[_Node]:
@@ -928,9 +941,11 @@ class _Parser:
             return None
         before = len(self.problems)
         rule_id = self.rule_id(keys.get("id"), f"{path}.id")
+        if rule_id is not None:
+            self.ids.append((rule_id, keys["id"], f"{path}.id"))
         device, metric = self.match(keys.get("match"), f"{path}.match")
         conditions = self.conditions(keys.get("when"), f"{path}.when")
-        kind = self.kind(conditions, keys.get("when"), f"{path}.when")
+        kind = self.kind(keys.get("when"), f"{path}.when")
         fields: dict[str, Any] = {}
         optional = (
             ("for", "for_count", lambda n, p: self.integer(n, p, minimum=1)),
@@ -1029,10 +1044,22 @@ class _Parser:
             return None
         return ConditionConfig(name, op, threshold, rate, metric, max_age_s)
 
-    def kind(
-        self, conditions: list[ConditionConfig], node: _Node | None, path: str
-    ) -> Kind | None:
-        kinds = {condition.kind for condition in conditions}
+    def kind(self, node: _Node | None, path: str) -> Kind | None:
+        """Return the kind of the known fields named in ``when``, if there is one.
+
+        Conditions with other problems count too (a bad ``op`` does not hide that
+        the rule is on windows), so the placeholders are checked against the kind
+        the author meant. ``None`` when no known field is named, or they mix kinds.
+        """
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        kinds = set()
+        for item in items:
+            if not isinstance(item, yaml.MappingNode):
+                continue
+            for key_node, value_node in item.value:
+                name = self.value(value_node) if key_node.value == "field" else None
+                if name in FIELDS:
+                    kinds.add(_field_kind(name))
         if len(kinds) > 1 and node is not None:
             message = "cannot mix window fields with value or anomaly_score"
             self.problem(node, path, message)
@@ -1068,7 +1095,13 @@ class _Parser:
         return Confidence("fixed", 1.0 if number is None else number)
 
     def command(self, node: _Node, path: str, kind: Kind | None) -> CommandConfig:
-        keys = self.mapping(node, path, _COMMAND_KEYS, ("payload",)) or {}
+        keys = self.mapping(node, path, _COMMAND_KEYS)
+        if keys is None:
+            keys = {}
+        elif "payload" not in keys:
+            # An empty message is rarely meant; one who means it can write it.
+            message = 'is required (the message body; payload: "" sends an empty one)'
+            self.problem(node, f"{path}.payload", message)
         topic = DEFAULT_TOPIC
         if "topic" in keys:
             topic = self.string(keys["topic"], f"{path}.topic") or DEFAULT_TOPIC
@@ -1100,14 +1133,19 @@ class _Parser:
         return value
 
     def template(self, node: _Node, path: str, text: str, kind: Kind | None) -> None:
-        allowed = PLACEHOLDERS.get(kind or "reading", ())
-        if kind is None:
-            allowed = PLACEHOLDERS["reading"] + PLACEHOLDERS["window"]
+        """Report each placeholder of ``text`` that a rule of ``kind`` lacks.
+
+        With ``kind`` unknown (``when`` names no known field) only names that no
+        rule has are reported, and the message lists what each kind has.
+        """
         for name in _placeholders(text):
-            if name not in allowed:
-                known = ", ".join(allowed)
-                message = f"unknown placeholder {{{name}}} (known here: {known})"
-                self.problem(node, path, message)
+            if kind is not None and name not in PLACEHOLDERS[kind]:
+                known = f"known here: {', '.join(PLACEHOLDERS[kind])}"
+            elif kind is None and not any(name in p for p in PLACEHOLDERS.values()):
+                known = _ALL_PLACEHOLDERS_TEXT
+            else:
+                continue
+            self.problem(node, path, f"unknown placeholder {{{name}}} ({known})")
 
 
 def _read_source(source: str | Path) -> tuple[str, str, Path | None]:
@@ -1121,9 +1159,20 @@ def _read_source(source: str | Path) -> tuple[str, str, Path | None]:
     return str(path), path.read_text(encoding="utf-8"), path
 
 
+@dataclass(slots=True)
+class _Parsed:
+    """What reading a rule file (and the files it includes) found."""
+
+    problems: list[RuleProblem] = field(default_factory=list)
+    clock: CooldownClock = "event"
+    rules: list[RuleConfig] = field(default_factory=list)
+    # (source, rule id, node of the id, field path) of every well-formed id.
+    ids: list[tuple[str, str, _Node, str]] = field(default_factory=list)
+
+
 def _parse(
     source: str | Path, seen: frozenset[Path] = frozenset(), text: str | None = None
-) -> tuple[list[RuleProblem], CooldownClock, list[tuple[str, RuleConfig, _Node]]]:
+) -> _Parsed:
     path: Path | None = None
     if text is not None:
         name = str(source)
@@ -1133,7 +1182,7 @@ def _parse(
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             problem = RuleProblem(str(source), 1, 1, "", f"cannot read: {reason}")
-            return [problem], "event", []
+            return _Parsed([problem])
     parser = _Parser(name)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -1141,15 +1190,15 @@ def _parse(
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         message = f"invalid YAML: {exc.problem or exc.context}"
-        return [RuleProblem(name, line, column, "", message)], "event", []
+        return _Parsed([RuleProblem(name, line, column, "", message)])
     except yaml.YAMLError as exc:
-        return [RuleProblem(name, 1, 1, "", f"invalid YAML: {exc}")], "event", []
+        return _Parsed([RuleProblem(name, 1, 1, "", f"invalid YAML: {exc}")])
     if root is None:
-        return [RuleProblem(name, 1, 1, "", "file is empty")], "event", []
+        return _Parsed([RuleProblem(name, 1, 1, "", "file is empty")])
 
     clock, includes, configs = parser.top(root)
-    found = [(name, config, node) for config, node in configs]
-    problems = parser.problems
+    ids = [(name, *found) for found in parser.ids]
+    parsed = _Parsed(parser.problems, clock, configs, ids)
     for include in includes:
         target = str(parser.value(include))
         if path is None:
@@ -1168,32 +1217,39 @@ def _parse(
         if target_path in seen or target_path == path.resolve():
             parser.problem(include, "include", f"includes itself: {target}")
             continue
-        more, _, more_rules = _parse(target_path, seen | {path.resolve()})
-        problems.extend(more)
-        found.extend(more_rules)
-    return problems, clock, found
+        more = _parse(target_path, seen | {path.resolve()})
+        parsed.problems.extend(more.problems)
+        parsed.rules.extend(more.rules)
+        parsed.ids.extend(more.ids)
+    return parsed
+
+
+def _duplicate_ids(ids: list[tuple[str, str, _Node, str]]) -> list[RuleProblem]:
+    """Return a problem for each repeat of a rule id, pointing at the first."""
+    first: dict[str, tuple[str, _Node]] = {}
+    problems = []
+    for source, rule_id, node, path in ids:
+        if rule_id not in first:
+            first[rule_id] = (source, node)
+            continue
+        first_source, first_node = first[rule_id]
+        where = f"{first_source}:{first_node.start_mark.line + 1}"
+        message = f'duplicate rule id "{rule_id}" (first at {where})'
+        mark = node.start_mark
+        problems.append(
+            RuleProblem(source, mark.line + 1, mark.column + 1, path, message)
+        )
+    return problems
 
 
 def _check(
     source: str | Path, text: str | None = None
 ) -> tuple[list[RuleProblem], RuleSet]:
-    problems, clock, found = _parse(source, text=text)
-    seen: dict[str, tuple[str, _Node]] = {}
-    rules = []
-    for order, (name, config, node) in enumerate(found):
-        first = seen.get(config.id)
-        if first is not None:
-            mark = node.start_mark
-            where = f"{first[0]}:{first[1].start_mark.line + 1}"
-            message = f'duplicate rule id "{config.id}" (first at {where})'
-            problems.append(
-                RuleProblem(name, mark.line + 1, mark.column + 1, "id", message)
-            )
-            continue
-        seen[config.id] = (name, node)
-        rules.append(config.build(order))
+    parsed = _parse(source, text=text)
+    problems = parsed.problems + _duplicate_ids(parsed.ids)
     problems.sort(key=lambda p: (p.source, p.line, p.column))
-    return problems, RuleSet(rules, clock)
+    rules = [config.build(order) for order, config in enumerate(parsed.rules)]
+    return problems, RuleSet(rules, parsed.clock)
 
 
 def check_rules(source: str | Path) -> list[RuleProblem]:

@@ -396,7 +396,7 @@ def test_state_round_trip_keeps_cooldowns_and_streaks() -> None:
             "rules:\n  - id: a\n    when: {field: value, op: '>', threshold: 1}\n"
             "    action: x\n  - id: a\n    when: {field: value, op: '>', "
             "threshold: 2}\n    action: y\n",
-            '<rules>:5:9: id: duplicate rule id "a" (first at <rules>:2)',
+            '<rules>:5:9: rules[1].id: duplicate rule id "a" (first at <rules>:2)',
         ),
         (
             "rules:\n  - id: a\n    when: {field: value, op: '>', threshold: hot}\n"
@@ -509,6 +509,111 @@ def test_include_of_a_missing_file_is_reported_at_the_include_line(
         f" {tmp_path / 'gone.yaml'} (paths are relative to this file; copy the"
         " included files too)"
     ]
+
+
+@pytest.mark.parametrize(("first_op", "second_op"), [("'>'", "'=>'"), ("'=>'", "'>'")])
+def test_check_rules_reports_duplicate_ids_of_rules_with_other_problems(
+    first_op: str, second_op: str
+) -> None:
+    """A repeated id is reported whichever of the two rules is otherwise invalid."""
+    text = (
+        f"rules:\n  - id: a\n    when: {{field: value, op: {first_op}, threshold: 1}}"
+        f"\n    action: x\n  - id: a\n    when: {{field: value, op: {second_op},"
+        " threshold: 2}\n    action: y\n"
+    )
+
+    problems = check_rules(text)
+
+    paths = [p.path for p in problems]
+    assert "rules[1].id" in paths
+    assert len(problems) == 2
+
+
+def test_check_rules_gives_the_field_path_of_a_duplicate_id_in_an_included_file(
+    tmp_path: Path,
+) -> None:
+    rule = (
+        "  - id: {}\n    when: {{field: value, op: '>', threshold: 1}}\n    action: x\n"
+    )
+    (tmp_path / "pack.yaml").write_text(
+        "rules:\n" + rule.format("b") + rule.format("a")
+    )
+    (tmp_path / "site.yaml").write_text(
+        "include: [pack.yaml]\nrules:\n" + rule.format("a")
+    )
+
+    problems = check_rules(tmp_path / "site.yaml")
+
+    assert [str(p) for p in problems] == [
+        f'{tmp_path / "pack.yaml"}:5:9: rules[1].id: duplicate rule id "a"'
+        f" (first at {tmp_path / 'site.yaml'}:3)"
+    ]
+
+
+def test_check_rules_lists_placeholders_by_kind_once_when_no_known_field() -> None:
+    text = (
+        "rules:\n  - id: a\n    when: {field: valu, op: '>', threshold: 1}\n"
+        "    action: x\n    command:\n      payload: {v: '{valu}', w: '{value}'}\n"
+    )
+
+    problems = check_rules(text)
+
+    assert [p.path for p in problems] == [
+        "rules[0].when.field",
+        "rules[0].command.payload.v",
+    ]
+    message = problems[1].message
+    assert message == (
+        "unknown placeholder {valu} (known in every rule: device_id, metric, rule_id,"
+        " action, time_ms, unit; rules on readings add value, anomaly_score; rules on"
+        " windows add window_start_ms, window_end_ms, window.count, window.sum,"
+        " window.min, window.max, window.mean, window.last, window.p50, window.p95,"
+        " window.p99)"
+    )
+
+
+def test_check_rules_lists_window_placeholders_when_a_window_condition_is_bad() -> None:
+    """A bad ``op`` does not hide that the rule is on windows."""
+    text = (
+        "rules:\n  - id: a\n    when: {field: window.mean, op: '=>', threshold: 1}\n"
+        "    action: x\n    command:\n      payload: 'v={value}'\n"
+    )
+
+    problems = check_rules(text)
+
+    placeholder = [p.message for p in problems if p.path == "rules[0].command.payload"]
+    assert placeholder == [
+        "unknown placeholder {value} (known here: device_id, metric, rule_id, action,"
+        " time_ms, unit, window_start_ms, window_end_ms, window.count, window.sum,"
+        " window.min, window.max, window.mean, window.last, window.p50, window.p95,"
+        " window.p99)"
+    ]
+
+
+def test_check_rules_requires_a_command_payload_and_says_how_to_send_none() -> None:
+    text = (
+        "rules:\n  - id: a\n    when: {field: value, op: '>', threshold: 1}\n"
+        "    action: x\n    command: {topic: 'devices/{device_id}/stop'}\n"
+    )
+
+    problems = check_rules(text)
+
+    assert [str(p) for p in problems] == [
+        "<rules>:5:14: rules[0].command.payload: is required (the message body;"
+        ' payload: "" sends an empty one)'
+    ]
+
+
+def test_command_with_an_empty_payload_sends_an_empty_message() -> None:
+    ruleset = parse_rules(
+        "rules:\n  - id: a\n    when: {field: value, op: '>', threshold: 1}\n"
+        "    action: x\n    command: {topic: 'devices/{device_id}/stop', payload: ''}\n"
+    )
+
+    result = decide(ruleset, RuleState(), reading(2.0), now_ms=1)
+
+    assert result.decision is not None
+    assert result.decision.command == {"topic": "devices/press-1/stop", "payload": ""}
 
 
 @pytest.mark.parametrize("name", ["industrial.yaml", "traffic.yaml", "demo.yaml"])
