@@ -676,15 +676,22 @@ def _report(results: DemoResults, options: DemoOptions) -> list[str]:
 
 
 def _examples(decisions: list[Decision]) -> list[Decision]:
-    """Up to five decisions, the first of each rule before repeats of any."""
+    """Return up to five decisions in time order, each rule's first ones preferred.
+
+    The first decision of each rule is picked before a repeat of any rule, so the
+    examples show as many rules as there are; the picks are then ordered by event
+    time (then device), whatever order ``decisions`` came in.
+    """
+    in_time = sorted(decisions, key=lambda d: (d.time_ms, d.device_id))
     seen: set[str] = set()
     firsts = []
-    for decision in decisions:
+    for decision in in_time:
         if decision.rule_id not in seen:
             seen.add(decision.rule_id)
             firsts.append(decision)
-    rest = [d for d in decisions if d not in firsts]
-    return (firsts + rest)[:5]
+    rest = [d for d in in_time if d not in firsts]
+    chosen = (firsts + rest)[:5]
+    return sorted(chosen, key=lambda d: (d.time_ms, d.device_id))
 
 
 def _reason_group(letter: DeadLetter) -> str:
