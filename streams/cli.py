@@ -1,7 +1,8 @@
 """The ``edge-otlp`` console script: every process entry point of the project.
 
-Precedence of settings is flag, then ``EDGE_*`` environment variable, then default;
-each flag's help names its variable. Logging is configured here and nowhere else.
+Every setting comes from its ``EDGE_*`` environment variable, else its default; the
+few settings that have a flag take the flag first, and each such flag's help names
+its variable. Logging is configured here and nowhere else.
 """
 
 from __future__ import annotations
@@ -37,13 +38,19 @@ def _settings(ctx: click.Context, /, **flags: Any) -> Settings:
 
 @click.group()
 @click.option(
-    "--kafka-bootstrap", help="Kafka bootstrap servers [env EDGE_KAFKA_BOOTSTRAP]"
+    "--kafka-bootstrap",
+    help="Kafka bootstrap servers, host:port[,host:port] [env EDGE_KAFKA_BOOTSTRAP]",
 )
-@click.option("--mqtt-url", help="MQTT broker URL [env EDGE_MQTT_URL]")
-@click.option("--topic-prefix", help="prefix of Kafka topics [env EDGE_TOPIC_PREFIX]")
+@click.option(
+    "--mqtt-url", help="MQTT broker URL, mqtt://host:port [env EDGE_MQTT_URL]"
+)
+@click.option(
+    "--topic-prefix",
+    help="prefix of every Kafka topic and consumer group [env EDGE_TOPIC_PREFIX]",
+)
 @click.option(
     "--log-level", default="INFO", show_default=True, envvar="EDGE_LOG_LEVEL",
-    help="log level [env EDGE_LOG_LEVEL]",
+    help="DEBUG, INFO, WARNING or ERROR [env EDGE_LOG_LEVEL]",
 )  # fmt: skip
 @click.pass_context
 def main(
@@ -75,11 +82,14 @@ def _stack_options(func: Any) -> Any:
     options = [
         click.option("--stack-dir", type=click.Path(path_type=Path),
                      help="cache, data and logs [env EDGE_STACK_DIR]"),
-        click.option("--kafka-port", type=int, help="[env EDGE_KAFKA_PORT]"),
+        click.option("--kafka-port", type=int,
+                     help="Kafka port [env EDGE_KAFKA_PORT]"),
         click.option("--kafka-controller-port", type=int,
-                     help="[env EDGE_KAFKA_CONTROLLER_PORT]"),
-        click.option("--mqtt-port", type=int, help="[env EDGE_MQTT_PORT]"),
-        click.option("--collector-port", type=int, help="[env EDGE_COLLECTOR_PORT]"),
+                     help="KRaft controller port [env EDGE_KAFKA_CONTROLLER_PORT]"),
+        click.option("--mqtt-port", type=int,
+                     help="Mosquitto port [env EDGE_MQTT_PORT]"),
+        click.option("--collector-port", type=int,
+                     help="collector OTLP/HTTP port [env EDGE_COLLECTOR_PORT]"),
         click.option("--collector/--no-collector", default=None,
                      help="also the OpenTelemetry Collector [env EDGE_COLLECTOR]"),
     ]  # fmt: skip
@@ -126,11 +136,23 @@ def stack_status(ctx: click.Context, /, **flags: Any) -> None:
 
 
 @main.command("bridge")
-@click.option("--mqtt-topic-pattern", help="[env EDGE_MQTT_TOPIC_PATTERN]")
-@click.option("--mqtt-client-id", help="[env EDGE_MQTT_CLIENT_ID]")
-@click.option("--bridge-max-inflight", type=int, help="[env EDGE_BRIDGE_MAX_INFLIGHT]")
 @click.option(
-    "--bridge-max-payload-bytes", type=int, help="[env EDGE_BRIDGE_MAX_PAYLOAD_BYTES]"
+    "--mqtt-topic-pattern",
+    help="MQTT topics to subscribe to, with {device_id} [env EDGE_MQTT_TOPIC_PATTERN]",
+)
+@click.option(
+    "--mqtt-client-id",
+    help="MQTT client id, naming the persistent session [env EDGE_MQTT_CLIENT_ID]",
+)
+@click.option(
+    "--bridge-max-inflight",
+    type=int,
+    help="MQTT messages not yet acknowledged by Kafka [env EDGE_BRIDGE_MAX_INFLIGHT]",
+)
+@click.option(
+    "--bridge-max-payload-bytes",
+    type=int,
+    help="larger payloads are dead-lettered [env EDGE_BRIDGE_MAX_PAYLOAD_BYTES]",
 )
 @click.pass_context
 def bridge(ctx: click.Context, /, **flags: Any) -> None:
@@ -147,15 +169,20 @@ def bridge(ctx: click.Context, /, **flags: Any) -> None:
 
 @main.command("worker")
 @click.option(
-    "--worker-id", help="this worker's id, for its data folder [env EDGE_WORKER_ID]"
+    "--worker-id",
+    help="this worker's name, suffix of its data folder [env EDGE_WORKER_ID]",
 )
-@click.option("--web-port", type=int, help="Faust web server port [env EDGE_WEB_PORT]")
+@click.option("--web-port", type=int, help="web server port [env EDGE_WEB_PORT]")
 @click.option(
     "--rules-file",
     type=click.Path(path_type=Path, exists=True),
-    help="rules YAML file [env EDGE_RULES_FILE]",
+    help="rule file (YAML) [env EDGE_RULES_FILE]",
 )
-@click.option("--window-size-s", type=float, help="[env EDGE_WINDOW_SIZE_S]")
+@click.option(
+    "--window-size-s",
+    type=float,
+    help="tumbling window size in seconds [env EDGE_WINDOW_SIZE_S]",
+)
 @click.pass_context
 def worker(ctx: click.Context, /, **flags: Any) -> None:
     """Run the Faust worker: readings, windows, anomalies, decisions, export."""

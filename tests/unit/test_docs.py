@@ -1,9 +1,10 @@
 """Keep the README and the operator docs true to the code.
 
 The settings table is checked against ``streams.config.Settings`` (names and
-defaults), every ``EDGE_*`` name the docs mention must be one edge-otlp reads, and
-every ``edge-otlp`` command the README shows must exist. Run this module as a
-script to print a fresh settings table:
+defaults), every ``EDGE_*`` name the docs mention must be one edge-otlp reads,
+every ``edge-otlp`` command the README shows must exist, and the flags that set a
+setting are listed in the docs with the variable their help names. Run this module
+as a script to print a fresh settings table:
 ``.venv/bin/python -m tests.unit.test_docs``.
 """
 
@@ -28,6 +29,9 @@ OPERATOR_DOCS = [README, TOPICS, CONFIGURATION]
 
 EDGE_VARIABLE = re.compile(r"\bEDGE_[A-Z0-9_]+\b")
 TABLE_ROW = re.compile(r"^\| `(EDGE_[A-Z0-9_]+)` \| (.+?) \| (.+) \|$")
+FLAG_ROW = re.compile(r"^\| `(--[a-z/-]+)` \| `(EDGE_[A-Z0-9_]+)` \| .+ \|$")
+# Read by the command line itself rather than by Settings.
+CLI_VARIABLES = {"log_level"}
 
 
 def default_text(name: str) -> str:
@@ -74,6 +78,60 @@ def cli_command_paths() -> set[str]:
                 paths.add(f"{prefix} {name}")
                 pending.append((f"{prefix} {name}", sub))
     return paths
+
+
+def cli_options() -> list[tuple[str, click.Option]]:
+    """Return every option of every command, with the command as typed."""
+    found = []
+    pending: list[tuple[str, click.Command]] = [("edge-otlp", cli_main)]
+    while pending:
+        prefix, command = pending.pop()
+        found += [(prefix, p) for p in command.params if isinstance(p, click.Option)]
+        if isinstance(command, click.Group):
+            pending += [(f"{prefix} {n}", c) for n, c in command.commands.items()]
+    return found
+
+
+def flag_text(option: click.Option) -> str:
+    """Return a flag as the docs write it, e.g. ``--collector/--no-collector``."""
+    return "/".join(option.opts + option.secondary_opts)
+
+
+def setting_flags() -> dict[str, str]:
+    """Return flag -> variable of every flag that sets a setting (or the log level)."""
+    return {
+        flag_text(option): f"EDGE_{option.name.upper()}"
+        for _, option in cli_options()
+        if option.name in Settings.model_fields or option.name in CLI_VARIABLES
+    }
+
+
+def test_every_flag_of_a_setting_has_help_that_names_its_variable() -> None:
+    wrong = []
+    for command, option in cli_options():
+        name = option.name or ""
+        if name not in Settings.model_fields and name not in CLI_VARIABLES:
+            continue
+        suffix = f" [env EDGE_{name.upper()}]"
+        help_text = option.help or ""
+        if not help_text.endswith(suffix) or not help_text.removesuffix(suffix):
+            wrong.append(f"{command} {flag_text(option)}: {help_text!r}")
+
+    assert not wrong
+
+
+def test_configuration_doc_lists_every_flag_with_its_variable() -> None:
+    rows = [FLAG_ROW.match(line) for line in CONFIGURATION.read_text().splitlines()]
+
+    listed = {row.group(1): row.group(2) for row in rows if row}
+    assert listed == setting_flags()
+
+
+def test_readme_names_every_flag_of_a_setting() -> None:
+    text = README.read_text()
+
+    missing = [flag for flag in setting_flags() if f"`{flag}`" not in text]
+    assert not missing
 
 
 @pytest.mark.parametrize("path", [README, CONFIGURATION], ids=lambda p: p.name)
