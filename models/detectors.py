@@ -50,6 +50,14 @@ class Detector(Protocol):
 
     grace_period: int
 
+    @property
+    def warm(self) -> bool:
+        """Return whether the next score counts: ``grace_period`` readings learnt.
+
+        Before that every score is 0, which means "no score yet", not "normal".
+        """
+        ...
+
     def score_one(self, value: float, time_ms: int) -> float:
         """Score a reading without learning it: in [0, 1], higher is stranger."""
         ...
@@ -372,7 +380,7 @@ class SurpriseDetector:
         floor = self.novelty_floor
         score = likelihood * (floor + (1.0 - floor) * novelty)
 
-        if self._n_seen < self.grace_period or self._quiet > 0:
+        if not self.warm or self._quiet > 0:
             score = 0.0
         assessed = _Assessment(raw, short, low, high, value_bin, keys, slot, residual)
         return score, assessed
@@ -442,6 +450,11 @@ class SurpriseDetector:
         self._residual_change_var = (1.0 - fading) * (
             self._residual_change_var + fading * step * step
         )
+
+    @property
+    def warm(self) -> bool:
+        """Return whether ``grace_period`` readings are learnt, so scores count."""
+        return self._n_seen >= self.grace_period
 
     def score_one(self, value: float, time_ms: int) -> float:
         """Score a reading against the learnt state, without changing it.
@@ -579,6 +592,11 @@ class GaussianDetector:
         self.grace_period = int(grace_period)
         self._gaussian = proba.Gaussian()  # type: ignore[no-untyped-call]
 
+    @property
+    def warm(self) -> bool:
+        """Return whether ``grace_period`` readings are learnt, so scores count."""
+        return bool(self._gaussian.n_samples >= self.grace_period)
+
     def score_one(self, value: float, time_ms: int) -> float:
         """Score a value by its two-sided tail; 0 during the grace period.
 
@@ -589,7 +607,7 @@ class GaussianDetector:
         Returns:
             The anomaly score in [0, 1].
         """
-        if self._gaussian.n_samples < self.grace_period:
+        if not self.warm:
             return 0.0
         score = 2.0 * abs(float(self._gaussian.cdf(value)) - 0.5)
         return min(1.0, score)

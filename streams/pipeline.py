@@ -373,11 +373,13 @@ class Pipeline:
         out.readings.append(reading)
         if reading.unit and not series.unit:
             series.unit = reading.unit
+        # A score given during warm-up means "no score yet": rules see none.
+        warm = series.detector.warm
         score = series.detector.score_then_learn(reading.value, reading.time_ms)
         threshold = self.config.threshold_by_metric.get(
             reading.metric, self.config.threshold
         )
-        if score >= threshold:
+        if warm and score >= threshold:
             self.counters.anomalies += 1
             spec = self.config.detector_by_metric.get(
                 reading.metric, self.config.detector
@@ -394,7 +396,8 @@ class Pipeline:
                     unit=reading.unit,
                 )
             )
-        self._decide(Evaluation.of_reading(reading, score), rule_state, now_ms, out)
+        evaluation = Evaluation.of_reading(reading, score if warm else None)
+        self._decide(evaluation, rule_state, now_ms, out)
         self._emit_windows(
             reading.device_id, reading.metric, series, closed, rule_state, out
         )

@@ -94,6 +94,18 @@ def test_detector_scores_zero_during_grace_period(name: str) -> None:
     assert max(scores[50:]) > 0.0
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_detector_is_warm_once_it_learnt_grace_period_readings(name: str) -> None:
+    detector = build_detector(DetectorSpec(name, params={"grace_period": 50}))
+
+    warm = []
+    for i in range(60):
+        warm.append(detector.warm)
+        detector.score_then_learn(float(i % 7), i)
+
+    assert warm == [False] * 50 + [True] * 10
+
+
 def test_default_detector_flags_spike_at_the_spike() -> None:
     detector = build_detector(DetectorSpec())
     values = _readings(500)

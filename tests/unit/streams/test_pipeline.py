@@ -133,6 +133,31 @@ def test_pipeline_cooldown_suppresses_the_second_firing() -> None:
     assert second.decisions == [] and pipeline.counters.suppressed == 1
 
 
+def test_pipeline_gives_rules_no_anomaly_score_while_the_detector_warms_up() -> None:
+    pipeline, stores = _pipeline(), {}
+
+    out = _raw(pipeline, stores, {"time": T0, "temp": 95.0}, 1)
+
+    [decision] = out.decisions
+    assert decision.evidence["anomaly_score"] is None
+
+
+def test_pipeline_rule_on_a_low_anomaly_score_waits_for_the_warm_up() -> None:
+    """A warm-up score of 0 is no proof of normal operation."""
+    calm = parse_rules(
+        "rules:\n  - id: calm\n    action: log\n"
+        "    when: {field: anomaly_score, op: '<', threshold: 0.5}\n"
+    )
+    warming = DetectorSpec(params={"grace_period": 3})
+    config = dataclasses.replace(_pipeline().config, detector=warming, ruleset=calm)
+    pipeline, stores = Pipeline(config, clock_ms=lambda: NOW), {}
+
+    outs = [_raw(pipeline, stores, {"time": T0 + i, "temp": 20.0}, i) for i in range(4)]
+
+    assert [len(out.decisions) for out in outs] == [0, 0, 0, 1]
+    assert outs[3].decisions[0].evidence["anomaly_score"] is not None
+
+
 def test_pipeline_idle_tick_closes_quiet_series_on_the_bridge_clock() -> None:
     pipeline, stores = _pipeline(idle_close="all"), {}
     _raw(pipeline, stores, {"time": T0, "temp": 1.0}, 1, received_ms=NOW - 10_000)
