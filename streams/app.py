@@ -81,6 +81,8 @@ class FlushingConsumer(faust_aiokafka.Consumer):
         if state is not None:
             state.flush_tables()
         await _flush_produced_so_far(self.app.producer)
+        if state is not None:
+            await state.flush_decisions()
         # Let the delivery callbacks of what was flushed run (one may exit).
         await asyncio.sleep(0)
         result: bool = await super()._commit_offsets(
@@ -98,7 +100,22 @@ async def _flush_produced_so_far(producer: Any) -> None:
         remaining -= await buffer.flush_atmost(remaining)
     kafka = getattr(producer, "_producer", None)
     if kafka is not None:
-        # aiokafka waits for the batches that exist now, not for later ones.
+        await _flush_now(kafka)
+
+
+async def _flush_now(kafka: Any) -> None:
+    """Wait for the batches an aiokafka producer holds now, not for later ones.
+
+    The batches are closed and sent at once instead of after their linger
+    (``EDGE_KAFKA_LINGER_MS``), so a commit waits one round trip, not a linger
+    more. aiokafka does that for transactions (``flush_for_commit``); a version
+    without it gets the plain flush, which waits out the linger.
+    """
+    accumulator = getattr(kafka, "_message_accumulator", None)
+    flush_for_commit = getattr(accumulator, "flush_for_commit", None)
+    if flush_for_commit is not None:
+        await flush_for_commit()
+    else:
         await kafka.flush()
 
 
@@ -232,12 +249,55 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     )
 
 
+class DecisionProducer:
+    """A Kafka producer of its own for decision records, with no linger.
+
+    The worker's other outputs (readings, window summaries, anomalies, dead
+    letters) wait up to ``EDGE_KAFKA_LINGER_MS`` in Faust's producer to go out
+    in few requests, which saves the worker most of its system calls at high
+    rates; a decision is the local response and goes out at once. Keyed like the
+    other outputs, so a device's decisions land in its partition. Started on the
+    first decision; the commit hook flushes it like Faust's producer.
+    """
+
+    def __init__(self, bootstrap: str) -> None:
+        self._bootstrap = bootstrap
+        self._producer: Any = None
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[Any]:
+        """Send one record; return its delivery future (a KafkaError on failure)."""
+        if self._producer is None:
+            from aiokafka import AIOKafkaProducer
+
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap, acks="all", linger_ms=0
+            )
+            await producer.start()
+            self._producer = producer
+        future: asyncio.Future[Any] = await self._producer.send(
+            topic, value=value, key=key
+        )
+        return future
+
+    async def flush(self) -> None:
+        """Wait until every decision sent so far is acknowledged."""
+        if self._producer is not None:
+            await self._producer.flush()
+
+    async def stop(self) -> None:
+        """Flush and close the producer."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+
 @dataclass
 class WorkerState:
     """Runtime companions of the app: pipeline, publisher, exporter, deadlines."""
 
     pipeline: Pipeline
     commands: CommandPublisher
+    decisions: DecisionProducer | None = None
     exporter: Any = None
     export_failed: bool = False
     stores: list[WriteBackStore] = field(default_factory=list)
@@ -253,6 +313,11 @@ class WorkerState:
         """Write the buffered state changes to the tables' changelogs."""
         for store in self.stores:
             store.flush()
+
+    async def flush_decisions(self) -> None:
+        """Wait for the decision records sent so far."""
+        if self.decisions is not None:
+            await self.decisions.flush()
 
     def on_delivered(self, delivery: asyncio.Future[Any]) -> None:
         """Exit when Kafka refused an output for good (after its own retries).
@@ -329,6 +394,7 @@ def create_app(settings: Settings) -> faust.App:
             port=settings.mqtt_port_from_url,
             client_id=f"{settings.mqtt_client_id}-worker-{settings.worker_id or '0'}",
         ),
+        decisions=DecisionProducer(settings.kafka_bootstrap),
     )
     app.edge_state = state  # type: ignore[attr-defined]
 
@@ -343,6 +409,13 @@ def create_app(settings: Settings) -> faust.App:
         )  # fmt: skip
         delivery.add_done_callback(state.on_delivered)  # type: ignore[attr-defined]
 
+    async def send_decision(key: bytes, value: bytes) -> None:
+        if state.decisions is None:
+            await send("decisions", key, value)
+            return
+        delivery = await state.decisions.send(topic_names["decisions"], key, value)
+        delivery.add_done_callback(state.on_delivered)
+
     async def emit(device_id: str, key: bytes, out: Outputs) -> None:
         if settings.publish_readings:
             for reading in out.readings:
@@ -352,8 +425,8 @@ def create_app(settings: Settings) -> faust.App:
         for anomaly in out.anomalies:
             await send("anomalies", key, anomaly.to_json())
         for decision in out.decisions:
-            await send("decisions", key, decision.to_json())
             _send_command(state.commands, decision)
+            await send_decision(key, decision.to_json())
         for letter in out.dead_letters:
             await send("dead-letters", key, letter.to_json())
         if out.next_idle_deadline_ms is None:
@@ -414,6 +487,7 @@ def create_app(settings: Settings) -> faust.App:
         # its committed offset, which the applied offsets make harmless).
         state.flush_tables()
         await _flush_produced_so_far(app.producer)
+        await state.flush_decisions()
         for store in state.stores:
             store.forget_objects()  # the next owner may change them
         state.idle_deadlines.clear()
@@ -425,6 +499,8 @@ def create_app(settings: Settings) -> faust.App:
         if exporter is not None:
             await exporter.stop()  # a batch in flight stays uncommitted: re-sent
         await asyncio.to_thread(state.commands.stop)
+        if state.decisions is not None:
+            await state.decisions.stop()
 
     @app.page("/health")
     class Health(View):

@@ -142,11 +142,12 @@ class Settings(BaseSettings):
         " (bounds the device's state record)",
     )
     kafka_linger_ms: int = Field(
-        2,
+        20,
         ge=0,
         le=1000,
-        description="the worker's Kafka producer waits this long to batch outputs"
-        " (MQTT commands are not delayed)",
+        description="the worker's Kafka producer waits this long to batch readings,"
+        " window summaries, anomalies and dead letters (decisions and MQTT commands"
+        " are sent at once)",
     )
     kafka_session_timeout_s: float = Field(
         10.0,
