@@ -43,6 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -158,6 +159,13 @@ class IdleTickSchedule:
     def seen(self, device_id: str, *, received_ms: int) -> None:
         """Note a record of ``device_id`` received at ``received_ms``."""
         self._devices[device_id] = (received_ms, received_ms + self.idle_ms)
+
+    def postpone(self, now_ms: int) -> None:
+        """Send no tick before ``idle_ms`` from ``now_ms`` (after a reconnect)."""
+        earliest_ms = now_ms + self.idle_ms
+        for device_id, (seen_ms, next_ms) in self._devices.items():
+            if next_ms < earliest_ms:
+                self._devices[device_id] = (seen_ms, earliest_ms)
 
     def due(self, now_ms: int) -> list[str]:
         """Return the devices whose tick is due at ``now_ms`` and plan the next."""
@@ -493,9 +501,16 @@ class Bridge:
         if self._generation > 1:
             self.counters.reconnects += 1
         self._connected.set()
+        if self._idle_ticks is not None:
+            # Devices' messages queued while the bridge was away come first;
+            # the outage is no silence of theirs.
+            self._idle_ticks.postpone(self._clock_ms())
         # Subscribe on every connect: a broker that lost its state (no persistence,
-        # expired session) would otherwise leave the bridge deaf.
-        client.subscribe(self.pattern.subscription, qos=1)
+        # expired session) would otherwise leave the bridge deaf. Retained messages
+        # only when the subscription is new, or each reconnect would count them
+        # again.
+        options = SubscribeOptions(qos=1, retainHandling=1)
+        client.subscribe(self.pattern.subscription, options=options)
         logger.info(
             "MQTT connected host=%s port=%d session_present=%s subscription=%s",
             self._mqtt_host,
@@ -615,7 +630,9 @@ class Bridge:
         still on its way, even after Kafka was down for a while.
         """
         producer = self._producer
-        if producer is None or not ticks:
+        if producer is None or not ticks or not self._connected.is_set():
+            # Cut off from MQTT, the bridge cannot tell a quiet device from one
+            # whose messages wait for it at the broker: no ticks until back.
             return
         now_ms = self._clock_ms()
         due = ticks.due(now_ms)
@@ -780,9 +797,12 @@ def _dead_letter(inbound: _Inbound, reason: str, device_id: str | None) -> bytes
             "reason": reason,
             "source": f"mqtt:{inbound.topic}",
             "device_id": device_id,
+            "partition": None,
+            "offset": None,
             "received_at_ms": inbound.received_at_ms,
             "payload_b64": base64.b64encode(payload).decode(),
             "truncated": len(payload) < len(inbound.payload),
+            "field": None,
         }
     )
 
@@ -815,6 +835,7 @@ class CommandPublisher:
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.published = 0
         self.dropped = 0
+        self.refused = 0
 
     def start(self) -> None:
         """Connect in the background; publishing works before the broker answers."""
@@ -827,8 +848,18 @@ class CommandPublisher:
         self._client.loop_stop()
 
     def publish(self, topic: str, payload: str | bytes) -> None:
-        """Queue one command; never blocks."""
-        info = self._client.publish(topic, payload, qos=1)
+        """Queue one command; never blocks, never raises for a bad topic.
+
+        A topic MQTT cannot publish to (a wildcard ``+`` or ``#``, empty, too
+        long), which a rule's template can make from a device's metric name, is
+        counted as refused and logged; the decision record is on Kafka anyway.
+        """
+        try:
+            info = self._client.publish(topic, payload, qos=1)
+        except ValueError as exc:
+            self.refused += 1
+            logger.warning("command not published, %s topic=%r", exc, topic)
+            return
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             self.dropped += 1
             logger.warning("command queue full, command dropped topic=%s", topic)
@@ -836,5 +867,9 @@ class CommandPublisher:
             self.published += 1
 
     def snapshot(self) -> dict[str, int]:
-        """Return published and dropped command counts."""
-        return {"published": self.published, "dropped": self.dropped}
+        """Return published, dropped (queue full) and refused (bad topic) counts."""
+        return {
+            "published": self.published,
+            "dropped": self.dropped,
+            "refused": self.refused,
+        }

@@ -207,6 +207,11 @@ def test_bridge_dead_letters_bad_input_and_keeps_running(
     publisher.close()
 
     reasons = sorted(orjson.loads(r.value)["reason"] for r in dead)
+    documented = {
+        "stage", "reason", "source", "device_id", "partition", "offset",
+        "received_at_ms", "payload_b64", "truncated", "field",
+    }  # fmt: skip
+    assert all(set(orjson.loads(r.value)) == documented for r in dead)
     assert len(dead) == 3
     assert (
         reasons[0].startswith("MQTT topic ")

@@ -46,3 +46,14 @@ def test_a_new_record_starts_the_schedule_over() -> None:
     assert first == ["press-1", "press-2"]
     assert ticks.due(60_000) == ["press-2"]
     assert ticks.due(75_000) == ["press-1"]
+
+
+def test_a_reconnect_postpones_the_ticks_by_the_idle_timeout() -> None:
+    """Messages queued at the broker while the bridge was away come first."""
+    ticks = IdleTickSchedule(idle_ms=30_000, horizon_ms=70_000)
+    ticks.seen("press-1", received_ms=0)
+
+    ticks.postpone(25_000)
+
+    assert ticks.due(30_000) == []
+    assert ticks.due(55_000) == ["press-1"]
