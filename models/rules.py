@@ -869,6 +869,10 @@ class _Parser:
         if minimum is not None and value < minimum:
             self.problem(node, path, f"must be >= {minimum}, {_got(value)}")
             return None
+        if not -(2**63) <= value < 2**63:
+            # Decision records carry it as a JSON integer of 64 bits.
+            self.problem(node, path, f"must fit in 64 bits, {_got(value)}")
+            return None
         return value
 
     def boolean(self, node: _Node, path: str) -> bool | None:
@@ -1130,6 +1134,16 @@ class _Parser:
         value = self.value(node)
         if isinstance(value, str):
             self.template(node, path, value, kind)
+        elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+            self.problem(node, path, f"must fit in 64 bits, {_got(value)}")
+        elif value is not None and not isinstance(value, bool | int | float):
+            # YAML also makes bytes (!!binary), dates and timestamps; the command
+            # payload is JSON, which has none of them.
+            message = (
+                "must be text, a number, true, false or null (quote dates),"
+                f" {_got(value)}"
+            )
+            self.problem(node, path, message)
         return value
 
     def template(self, node: _Node, path: str, text: str, kind: Kind | None) -> None:

@@ -677,3 +677,29 @@ def test_every_condition_type_is_deterministic_and_leaves_input_alone(
     assert decisions, f"{name} never fired"
     assert all(0.0 <= d.confidence <= 1.0 for d in decisions)
     assert len(outcomes[0][1]) < 512
+
+
+def test_rules_check_refuses_what_a_decision_record_cannot_carry(
+    tmp_path: Path,
+) -> None:
+    """A priority past 64 bits or a YAML-only payload value would fail at firing."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - id: a\n"
+        "    when: {field: value, op: '>', threshold: 1}\n"
+        "    action: x\n"
+        "    priority: 1000000000000000000000\n"
+        "    command:\n"
+        "      payload: {blob: !!binary aGVsbG8=, big: 18446744073709551616}\n"
+    )
+
+    problems = check_rules(path)
+
+    assert [(p.line, p.path) for p in problems] == [
+        (5, "rules[0].priority"),
+        (7, "rules[0].command.payload.blob"),
+        (7, "rules[0].command.payload.big"),
+    ]
+    assert "must fit in 64 bits" in problems[0].message
+    assert "got bytes" in problems[1].message
