@@ -61,6 +61,7 @@ import orjson
 from models.records import Attributes, Reading
 
 __all__ = [
+    "MAX_ATTRIBUTES_BYTES",
     "MAX_METRIC_NAME_LENGTH",
     "MAX_UNIT_LENGTH",
     "MIN_TIME_MS",
@@ -83,6 +84,9 @@ MAX_NESTING = 32
 # A payload with more readings than this is refused whole.
 MAX_READINGS_PER_PAYLOAD = 1000
 MAX_UNIT_LENGTH = 64
+# Attributes are copied into every reading of the payload; larger ones are refused
+# (the readings go on without them), so no reading record nears Kafka's limit.
+MAX_ATTRIBUTES_BYTES = 16 * 1024
 
 # TODO: a reading without a time takes the bridge's receive time, which differs
 # on an MQTT redelivery, so the worker's duplicate check (time and value) cannot
@@ -227,6 +231,10 @@ def _time_from_text(path: str, text: str) -> int:
         rejection = _reject(path, expected, text, RejectionKind.INVALID_TIME)
         raise _Invalid(rejection) from exc
     if sign is not None:
+        if int(oh) > 23 or int(om) > 59:
+            expected = "a UTC offset of at most 23:59 hours"
+            rejection = _reject(path, expected, text, RejectionKind.INVALID_TIME)
+            raise _Invalid(rejection)
         offset = timedelta(hours=int(oh), minutes=int(om))
         moment = moment - offset if sign == "+" else moment + offset
     millis = int((fraction or "0")[:3].ljust(3, "0"))
@@ -338,6 +346,14 @@ def _check_attributes(
         expected = "an object of attributes"
         kind = RejectionKind.INVALID_FIELD
         rejections.append(_reject("attributes", expected, raw, kind))
+        return {}
+    size = len(orjson.dumps(raw))
+    if size > MAX_ATTRIBUTES_BYTES:
+        reason = (
+            f'field "attributes" must be at most {MAX_ATTRIBUTES_BYTES} bytes as'
+            f" JSON, got {size} bytes; the readings go on without them"
+        )
+        rejections.append(Rejection("attributes", reason, RejectionKind.INVALID_FIELD))
         return {}
     attributes: Attributes = {}
     for key, value in raw.items():

@@ -33,7 +33,7 @@ from models.detectors import (
     build_detector,
     restore_detector,
 )
-from models.normalize import normalize_payload
+from models.normalize import Rejection, normalize_payload
 from models.records import AnomalyScore, DeadLetter, Decision, Reading, WindowSummary
 from models.rules import Evaluation, RuleSet, RuleState, decide
 from models.windows import ClosedWindow, SeriesWindows, WindowSpec, summarize
@@ -52,6 +52,10 @@ _DEVICE_HEADER = struct.Struct("<qII")
 _ENTRY_HEADER = struct.Struct("<HI")
 # Dead letters keep at most this much of the original payload.
 DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
+# A payload's rejected parts make at most this many dead letters (each carrying
+# the payload); the last one counts the rest, so a small payload of thousands of
+# bad parts cannot flood the topic.
+MAX_DEAD_LETTERS_PER_MESSAGE = 20
 _SEP = "\x1f"
 
 
@@ -216,6 +220,13 @@ class Pipeline:
         now_ms = self._clock_ms()
         out = Outputs()
         self.counters.raw_messages += 1
+        key = device_id.encode()
+        state = _load_state(store, key)
+        if offset is not None and offset <= state.applied_offset:
+            # Read again after a crash or rebalance: everything it produced,
+            # dead letters included, went out the first time.
+            self.counters.replayed += 1
+            return out
         result = normalize_payload(
             payload,
             device_id=device_id,
@@ -223,8 +234,19 @@ class Pipeline:
             now_ms=now_ms,
             max_clock_skew_ms=self.config.max_clock_skew_ms,
         )
-        for rejection in result.rejections:
-            self.counters.rejected += 1
+        rejections = result.rejections
+        self.counters.rejected += len(rejections)
+        if len(rejections) > MAX_DEAD_LETTERS_PER_MESSAGE:
+            shown = MAX_DEAD_LETTERS_PER_MESSAGE - 1
+            more = len(rejections) - shown
+            following = rejections[shown]
+            reason = (
+                f"{more} more parts of this payload were rejected (the first"
+                f" {shown} have letters of their own; the next: {following.reason})"
+            )
+            rest = Rejection("payload", reason, following.kind)
+            rejections = [*rejections[:shown], rest]
+        for rejection in rejections:
             out.dead_letters.append(
                 self._dead_letter(
                     "normalize", rejection.reason, source, device_id, partition,
@@ -232,11 +254,12 @@ class Pipeline:
                 )
             )  # fmt: skip
 
-        key = device_id.encode()
-        state = _load_state(store, key)
-        if offset is not None and offset <= state.applied_offset:
-            self.counters.replayed += 1
-            return out
+        # TODO: device and series state is never evicted: a device that went
+        # away keeps its record in the table (about 5 KB) for good, and metrics
+        # a device sent once (a payload of junk keys) keep counting against
+        # EDGE_MAX_SERIES_PER_DEVICE. Dropping series with no open window and no
+        # reading for a configurable time (a tombstone in the changelog) would
+        # bound both.
         refused: list[str] = []
         for reading in result.readings:
             if (

@@ -508,3 +508,10 @@ def test_a_payload_with_too_many_readings_is_refused_whole() -> None:
             RejectionKind.INVALID_PAYLOAD,
         )
     ]
+
+
+def test_a_utc_offset_beyond_23_59_is_rejected() -> None:
+    with pytest.raises(ValueError, match="must be a UTC offset of at most 23:59"):
+        parse_time_ms(
+            "t", "2024-01-01T00:00:00+99:99", now_ms=NOW_MS, max_clock_skew_ms=0
+        )

@@ -390,3 +390,40 @@ def test_device_that_pauses_past_the_idle_timeout_keeps_its_window_and_decides()
     assert tick.summaries == []
     assert hot.dead_letters == [] and pipeline.counters.late == 0
     assert [d.rule_id for d in hot.decisions] == ["hot"]
+
+
+def test_a_replayed_record_does_not_dead_letter_its_bad_parts_again() -> None:
+    pipeline, stores = _pipeline(), {}
+    body = {"time": T0, "temp": "hot", "rpm": 5.0}
+
+    first = _raw(pipeline, stores, body, 7)
+    again = _raw(pipeline, stores, body, 7)
+
+    assert [letter.field for letter in first.dead_letters] == ["temp"]
+    assert again.dead_letters == [] and again.readings == []
+    counters = pipeline.counters
+    assert (counters.rejected, counters.dead_lettered, counters.replayed) == (1, 1, 1)
+
+
+def test_a_payload_of_thousands_of_bad_parts_makes_twenty_dead_letters() -> None:
+    pipeline, stores = _pipeline(), {}
+
+    out = _raw(pipeline, stores, b"[" + b",".join([b"1"] * 5000) + b"]", 1)
+
+    assert len(out.dead_letters) == 20
+    assert out.dead_letters[-1].field == "payload"
+    assert out.dead_letters[-1].reason.startswith("4981 more parts of this payload")
+    assert pipeline.counters.rejected == 5000
+    assert pipeline.counters.dead_lettered == 20
+
+
+def test_attributes_too_large_are_refused_and_the_readings_go_on() -> None:
+    pipeline, stores = _pipeline(), {}
+    body = {"time": T0, "temp": 20.0, "attributes": {"blob": "x" * 20_000}}
+
+    out = _raw(pipeline, stores, body, 1)
+
+    assert [r.attributes for r in out.readings] == [{}]
+    [letter] = out.dead_letters
+    assert letter.field == "attributes"
+    assert "at most 16384 bytes as JSON, got 20011 bytes" in letter.reason
