@@ -31,6 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
+    KafkaError,
     TopicAlreadyExistsError,
 )
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
@@ -60,6 +61,8 @@ SOURCE_TOPICS = ("window-summaries", "anomalies", "decisions")
 DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
 # After a retriable failure that ran out of attempts, wait before the next round.
 RETRY_ROUND_PAUSE_S = 1.0
+# How often the export lag in the counters is asked of Kafka.
+LAG_REFRESH_S = 5.0
 
 Record = WindowSummary | AnomalyScore | Decision
 
@@ -181,6 +184,9 @@ class ExportService:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        # Next offset to export per partition, as last committed by this service.
+        self._committed: dict[TopicPartition, int] = {}
         self.exported = asyncio.Event()
 
     async def start(self) -> None:
@@ -205,6 +211,7 @@ class ExportService:
         )
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name="edge-otlp-export")
+        self._lag_task = asyncio.create_task(self._watch_lag(), name="export-lag")
         logger.info(
             "export service started topics=%s group_id=%s max_batch_points=%d"
             " max_batch_age_s=%.2f sink=%s",
@@ -217,6 +224,10 @@ class ExportService:
 
     async def stop(self) -> None:
         """Cancel the loop (a batch in flight stays uncommitted), then disconnect."""
+        lag_task, self._lag_task = self._lag_task, None
+        if lag_task is not None:
+            lag_task.cancel()
+            await asyncio.gather(lag_task, return_exceptions=True)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -265,6 +276,37 @@ class ExportService:
             "lag_by_topic": dict(c.lag_by_topic),
             "sink": sink_view,
         }
+
+    async def refresh_lag(self) -> None:
+        """Set ``lag_by_topic``: records on the topics not exported yet, per topic.
+
+        Asks Kafka for the end of each assigned partition, so the figure grows
+        while the cloud is unreachable and consumption pauses. Raises
+        :class:`KafkaError` when Kafka does not answer.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return
+        assigned = list(consumer.assignment())
+        if not assigned:
+            return
+        ends = await consumer.end_offsets(assigned)
+        lag = dict.fromkeys(self.topics, 0)
+        for tp, end in ends.items():
+            done = self._committed.get(tp)
+            if done is None:
+                done = await consumer.committed(tp) or 0
+                self._committed[tp] = done
+            lag[tp.topic] += max(0, end - done)
+        self.counters.lag_by_topic.update(lag)
+
+    async def _watch_lag(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_REFRESH_S)
+            try:
+                await self.refresh_lag()
+            except KafkaError as exc:
+                logger.debug("export lag not refreshed: %r", exc)
 
     async def _run(self) -> None:
         while True:
@@ -405,12 +447,7 @@ class ExportService:
             )
             return
         self.counters.commits += 1
-        lag: dict[str, int] = {}
-        for tp, next_offset in batch.offsets.items():
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, highwater - next_offset)
-        self.counters.lag_by_topic.update(lag)
+        self._committed.update(batch.offsets)
 
 
 def _default_sink(settings: Settings) -> Sink:

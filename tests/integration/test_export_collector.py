@@ -305,6 +305,9 @@ def test_export_service_pauses_while_receiver_is_down_and_commits_only_after_2xx
             assert await committed_offsets(service.group_id) == {}
             await asyncio.sleep(0.2)
         assert exporter.counters.retries >= 2
+        await service.refresh_lag()
+        lag = service.snapshot()["lag_by_topic"]
+        assert lag[settings.topic("window-summaries")] == len(summaries)
         # 2. Receiver up but busy (503 + Retry-After), then accepting.
         await receiver.open()
         while receiver.first_ok_at is None:
