@@ -152,13 +152,18 @@ class IdleTickSchedule:
         self.every_ms = max(idle_ms, horizon_ms // 10)
         # device id -> (receive time of its last record, time of its next tick), ms
         self._devices: dict[str, tuple[int, int]] = {}
+        # No tick is due before this (a lower bound), so the pump, which asks
+        # after every burst, looks through the devices only when one may be due.
+        self._earliest_ms = 2**63
 
     def __len__(self) -> int:
         return len(self._devices)
 
     def seen(self, device_id: str, *, received_ms: int) -> None:
         """Note a record of ``device_id`` received at ``received_ms``."""
-        self._devices[device_id] = (received_ms, received_ms + self.idle_ms)
+        next_ms = received_ms + self.idle_ms
+        self._devices[device_id] = (received_ms, next_ms)
+        self._earliest_ms = min(self._earliest_ms, next_ms)
 
     def postpone(self, now_ms: int) -> None:
         """Send no tick before ``idle_ms`` from ``now_ms`` (after a reconnect)."""
@@ -166,19 +171,27 @@ class IdleTickSchedule:
         for device_id, (seen_ms, next_ms) in self._devices.items():
             if next_ms < earliest_ms:
                 self._devices[device_id] = (seen_ms, earliest_ms)
+        self._earliest_ms = max(self._earliest_ms, earliest_ms)
 
     def due(self, now_ms: int) -> list[str]:
         """Return the devices whose tick is due at ``now_ms`` and plan the next."""
+        if now_ms < self._earliest_ms:
+            return []
         due = []
         last_ms = max(self.idle_ms, self.horizon_ms)
+        earliest_ms = 2**63
         for device_id, (seen_ms, next_ms) in list(self._devices.items()):
             if next_ms > now_ms:
+                earliest_ms = min(earliest_ms, next_ms)
                 continue
             due.append(device_id)
             if now_ms - seen_ms >= last_ms:
                 del self._devices[device_id]
             else:
-                self._devices[device_id] = (seen_ms, now_ms + self.every_ms)
+                next_ms = now_ms + self.every_ms
+                self._devices[device_id] = (seen_ms, next_ms)
+                earliest_ms = min(earliest_ms, next_ms)
+        self._earliest_ms = earliest_ms
         return due
 
 

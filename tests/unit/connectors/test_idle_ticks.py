@@ -57,3 +57,14 @@ def test_a_reconnect_postpones_the_ticks_by_the_idle_timeout() -> None:
 
     assert ticks.due(30_000) == []
     assert ticks.due(55_000) == ["press-1"]
+
+
+def test_a_device_due_earlier_than_the_others_is_not_missed() -> None:
+    ticks = IdleTickSchedule(idle_ms=30_000, horizon_ms=70_000)
+    ticks.seen("late", received_ms=100_000)
+    assert ticks.due(50_000) == []
+
+    ticks.seen("early", received_ms=40_000)
+
+    assert ticks.due(70_000) == ["early"]
+    assert ticks.due(130_000) == ["late", "early"]
