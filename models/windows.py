@@ -46,7 +46,7 @@ Known limits:
 
 * Quantiles are exact (linear interpolation between closest ranks) while every
   reading of the window is kept; past that they are the sketch's estimates
-  (nearest rank, rank error about 2% with ``k = 64``) and
+  (nearest rank; with ``k = 64`` within 4% of rank with 99% confidence) and
   ``ClosedWindow.complete`` is false. count, sum, min, max and last stay exact.
 * Redeliveries are recognised among the kept pairs only: a copy that arrives
   after ``kept_readings_per_pane`` newer readings of its pane is counted again.
@@ -99,7 +99,8 @@ _HEADER = struct.Struct("<BqqqqqI")
 _PANE = struct.Struct("<qIIqd")
 # of the spilled readings: min, max, number of sum partials, sketch length
 _SPILL = struct.Struct("<ddBI")
-# KLL's accuracy parameter: rank error about 2%, at most about 1.8 KiB serialized.
+# KLL's accuracy parameter: within 4% of rank (99% confidence), at most about
+# 1.8 KiB serialized.
 SKETCH_K = 64
 # Times are stored as uint32 offsets from the pane start.
 _MAX_STEP_MS = 2**32 - 1

@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from datasketches import kll_doubles_sketch
 
 from models.records import WindowSummary
 from models.windows import (
+    SKETCH_K,
     AddResult,
     ClosedWindow,
     SeriesWindows,
@@ -298,9 +300,11 @@ def test_busy_pane_keeps_exact_aggregates_and_estimates_quantiles() -> None:
     assert closed.sum == math.fsum(values)
     assert (closed.min, closed.max) == (ordered[0], ordered[-1])
     assert not closed.complete
+    # The sketch compacts at random: allow its own bound (99% confidence), twice.
+    bound = 2 * kll_doubles_sketch.get_normalized_rank_error(SKETCH_K, False)
     for estimate, q in ((closed.p50, 0.5), (closed.p95, 0.95), (closed.p99, 0.99)):
         rank = sum(1 for v in ordered if v <= estimate) / len(ordered)
-        assert abs(rank - q) < 0.02, (q, estimate, rank)
+        assert abs(rank - q) < bound, (q, estimate, rank)
 
 
 def test_state_of_a_busy_series_stays_bounded() -> None:
