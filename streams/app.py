@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -262,13 +263,11 @@ class DecisionProducer:
 
     def __init__(self, bootstrap: str) -> None:
         self._bootstrap = bootstrap
-        self._producer: Any = None
+        self._producer: AIOKafkaProducer | None = None
 
     async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[Any]:
         """Send one record; return its delivery future (a KafkaError on failure)."""
         if self._producer is None:
-            from aiokafka import AIOKafkaProducer
-
             producer = AIOKafkaProducer(
                 bootstrap_servers=self._bootstrap, acks="all", linger_ms=0
             )
@@ -386,6 +385,7 @@ def create_app(settings: Settings) -> faust.App:
         partitions=settings.partitions,
     )  # fmt: skip
     store = WriteBackStore(devices)
+    decisions = DecisionProducer(settings.kafka_bootstrap)
     state = WorkerState(
         stores=[store],
         pipeline=Pipeline(config, clock_ms=_now_ms),
@@ -394,7 +394,7 @@ def create_app(settings: Settings) -> faust.App:
             port=settings.mqtt_port_from_url,
             client_id=f"{settings.mqtt_client_id}-worker-{settings.worker_id or '0'}",
         ),
-        decisions=DecisionProducer(settings.kafka_bootstrap),
+        decisions=decisions,
     )
     app.edge_state = state  # type: ignore[attr-defined]
 
@@ -410,10 +410,7 @@ def create_app(settings: Settings) -> faust.App:
         delivery.add_done_callback(state.on_delivered)  # type: ignore[attr-defined]
 
     async def send_decision(key: bytes, value: bytes) -> None:
-        if state.decisions is None:
-            await send("decisions", key, value)
-            return
-        delivery = await state.decisions.send(topic_names["decisions"], key, value)
+        delivery = await decisions.send(topic_names["decisions"], key, value)
         delivery.add_done_callback(state.on_delivered)
 
     async def emit(device_id: str, key: bytes, out: Outputs) -> None:
